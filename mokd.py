@@ -1,0 +1,1366 @@
+"""MOKD: Multi-Mode Online Knowledge Distillation for self-supervised visual representation learning.
+
+Song, Xie, Zhang, Luo, CVPR 2023, arXiv 2304.06461. One file: augmentation, backbones, heads,
+losses, the cross-attention feature search, schedules and a torchrun-compatible training loop.
+
+Two models A and B (any pair: a CNN and a ViT in the paper) each have a student and an EMA teacher.
+Per model X with partner Y, the four losses of the paper (section numbers follow this file):
+
+    paper   code                                   what
+    L_sm    dino_loss(s_m[X], t_m[X])               self-distillation, MLP head (DINO loss)
+    L_st    dino_loss(s_t[X], t_t[X])               self-distillation, T-head (DINO loss)
+    L_cm    dino_loss(s_m[X], t_m[Y])               cross-distillation, MLP head
+    L_ct    cross_entropy(s_t[X] locals, search_Y)  cross-attention feature search, no centre
+    L_X   = L_sm + L_st + lambda_X * (L_cm + L_ct)   (model_losses)
+    tau_s   0.1 (STUDENT_TEMP)   tau_t  teacher_temp_schedule   m  cosine_schedule(0.996 -> 1)
+
+Sections: 1 config | 2 data and augmentation | 3 backbones | 4 heads and the search | 5 losses |
+6 schedules, optimisers, EMA | 7 distributed helpers and checkpoints | 8 the MOKD step and training loop |
+9 k-NN, benchmark, export, main.
+
+Run:
+    python mokd.py                                   # demo: synthetic images, CPU or one GPU, ~3 min on 2 cores
+    python mokd.py --data-path /imagenet/train       # authors' recipe on one process
+    torchrun --nproc_per_node=8 mokd.py --arch-a resnet18 --arch-b vit_small --data-path /imagenet/train
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 mokd.py ...
+Departures from the authors' code are tagged `DEVIATION:` and listed in README.md.
+"""
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw, ImageFilter
+from torchvision import transforms as T
+
+STUDENT_TEMP = 0.1
+CENTER_MOMENTUM = 0.9
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
+ARCHS = sorted(RESNETS) + sorted(VITS)
+LOSS_NAMES = ("L_sm", "L_st", "L_cm", "L_ct")
+
+
+class MOKDError(Exception):
+    """A problem with the user's input or run; main() prints it without a traceback and exits with 2."""
+
+
+# ======================================================================================
+# 1. Config. Defaults are the authors' ImageNet recipe; `python mokd.py` without --data-path
+#    fills unset flags from DEMO instead; per-model flags (-a / -b) default from the model's family.
+# ======================================================================================
+RECIPE = dict(arch_a="resnet18", arch_b="vit_small", patch_size=16, out_dim=65536, epochs=100,
+              batch_size_per_gpu=32, global_crop_size=224, local_crop_size=96, local_crops_number=8,
+              global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), thead_dim=384, log_every=50)
+DEMO = dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, out_dim=1024, epochs=6,
+            batch_size_per_gpu=32, global_crop_size=32, local_crop_size=16, local_crops_number=4,
+            global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), thead_dim=192, log_every=10)
+FAMILY = {  # authors' per-family recipe (spec: Optimisation)
+    "resnet": dict(optimizer="sgd", lr=0.1, min_lr=0.0048, weight_decay=1e-4, weight_decay_end=1e-4,
+                   warmup_teacher_temp_epochs=50, lam=1.0, clip_grad=3.0, norm_last_layer=True),
+    "vit": dict(optimizer="adamw", lr=3e-4, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.4,
+                warmup_teacher_temp_epochs=30, lam=0.1, clip_grad=3.0, norm_last_layer=False),
+}
+PER_MODEL = list(FAMILY["resnet"])
+# Keys that must match between a checkpoint and the run that resumes it.
+GEOMETRY_KEYS = ("arch_a", "arch_b", "patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads",
+                 "head_hidden_dim", "bottleneck_dim", "global_crop_size", "local_crop_size",
+                 "local_crops_number", "global_crops_scale", "local_crops_scale", "stem")
+
+
+def family(arch):
+    return "resnet" if arch in RESNETS else "vit"
+
+
+def str2bool(v):
+    if v.lower() in ("1", "true", "yes"):
+        return True
+    if v.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser("mokd", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    g = "(recipe default; the demo's without --data-path)"
+    a("--arch-a", default=None, help=f"model A, one of {ARCHS} {g}")
+    a("--arch-b", default=None, help=f"model B {g}")
+    a("--patch-size", type=int, default=None, help=f"ViT patch size; 4 suits 32 px images {g}")
+    a("--drop-path", type=float, default=0.1, help="stochastic depth of ViT students (teachers: none)")
+    a("--stem", default="auto", choices=["auto", "imagenet", "cifar"],
+      help="ResNet stem; auto = cifar (3x3 conv, stride 1, no max-pool) when the global crop is <= 64 px")
+    a("--out-dim", type=int, default=None, help=f"K, the heads' output dimension {g}")
+    a("--head-hidden-dim", type=int, default=2048, help="MLP head hidden width (DINO)")
+    a("--bottleneck-dim", type=int, default=256, help="MLP head bottleneck width (DINO)")
+    a("--thead-dim", type=int, default=None, help=f"T-head width d; authors use ViT-S's 384 {g}")
+    a("--thead-depth", type=int, default=3, help="transformer blocks in the T-head")
+    a("--thead-heads", type=int, default=6, help="attention heads in the T-head")
+    a("--thead-lr", type=float, default=3e-4, help="peak lr of a CNN's T-head (transformer schedule)")
+    a("--thead-min-lr", type=float, default=1e-5, help="final lr of a CNN's T-head")
+    a("--thead-weight-decay", type=float, default=0.04, help="start weight decay of a CNN's T-head")
+    a("--thead-weight-decay-end", type=float, default=0.4, help="final weight decay of a CNN's T-head")
+    for m in "ab":
+        a(f"--optimizer-{m}", default=None, choices=["sgd", "adamw"], help=f"model {m.upper()}: family default")
+        for key, typ in (("lr", float), ("min-lr", float), ("weight-decay", float), ("weight-decay-end", float),
+                         ("warmup-teacher-temp-epochs", int), ("lambda", float), ("clip-grad", float)):
+            a(f"--{key}-{m}", type=typ, default=None, dest=f"{key.replace('-', '_').replace('lambda', 'lam')}_{m}",
+              help=f"model {m.upper()}: family default (peak lr is scaled by global batch / 256)")
+        a(f"--norm-last-layer-{m}", type=str2bool, default=None, help="freeze weight_g of the last layers")
+    a("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
+    a("--teacher-temp", type=float, default=0.07, help="final teacher temperature")
+    a("--cross-warmup-teacher-temp-epochs", type=int, default=30, help="warm-up of the cross terms' temperature")
+    a("--momentum-teacher", type=float, default=0.996, help="initial EMA momentum, cosine to 1")
+    a("--epochs", type=int, default=None, help=f"training epochs {g}")
+    a("--warmup-epochs", type=int, default=10, help="linear lr warm-up epochs (clamped to --epochs)")
+    a("--freeze-last-layer", type=int, default=1, help="epochs during which the heads' last layers stay fixed")
+    a("--batch-size-per-gpu", type=int, default=None, help=f"images per process {g}")
+    a("--global-crop-size", type=int, default=None, help=g)
+    a("--local-crop-size", type=int, default=None, help=g)
+    a("--local-crops-number", type=int, default=None, help=g)
+    a("--global-crops-scale", type=float, nargs=2, default=None, help=g)
+    a("--local-crops-scale", type=float, nargs=2, default=None, help=g)
+    a("--data-path", default=None, help="ImageFolder tree; without it, a built-in synthetic dataset")
+    a("--bad-images", default="skip", choices=["skip", "error"],
+      help="unreadable image: skip it (warn, substitute the next image, count per epoch) or stop the run")
+    a("--num-workers", type=int, default=None, help="DataLoader workers per process (default: min(8, cpus))")
+    a("--output-dir", default="output", help="checkpoint.pth, log.jsonl and config.json go here")
+    a("--resume", default=None, help="resume from this checkpoint (default: OUTPUT_DIR/checkpoint.pth if present)")
+    a("--seed", type=int, default=0)
+    a("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    a("--max-steps", type=int, default=None, help="stop after N optimiser steps (writes a checkpoint)")
+    a("--log-every", type=int, default=None, help=f"steps between log.jsonl records {g}")
+    a("--dist-timeout", type=float, default=30, help="minutes a collective may wait for another rank")
+    a("--compile", action="store_true", help="torch.compile students and teachers")
+    a("--grad-checkpointing", action="store_true", help="recompute ViT blocks in backward to save memory")
+    a("--benchmark", action="store_true", help="time MOKD vs independent training on random tensors")
+    a("--benchmark-steps", type=int, default=10, help="timed optimiser steps per benchmark variant")
+    a("--export", default=None, metavar="CHECKPOINT", help="write one teacher backbone of CHECKPOINT and exit")
+    a("--model", default="a", choices=["a", "b"], help="with --export: which model")
+    a("--out", default=None, help="with --export: output file")
+    return p
+
+
+def resolve_config(args):
+    """Fill unset flags (demo or recipe, then family defaults) and return a plain dict. Overrides nothing set."""
+    cfg = vars(args).copy()
+    base = DEMO if cfg["data_path"] is None else RECIPE
+    for k, v in base.items():
+        if cfg[k] is None:
+            cfg[k] = v
+    for m in "ab":
+        arch = cfg[f"arch_{m}"]
+        if arch not in ARCHS:
+            raise MOKDError(f"--arch-{m} {arch!r} is not a known architecture; choices: {', '.join(ARCHS)}")
+        for k in PER_MODEL:
+            if cfg[f"{k}_{m}"] is None:
+                cfg[f"{k}_{m}"] = FAMILY[family(arch)][k]
+    cfg["global_crops_scale"], cfg["local_crops_scale"] = list(cfg["global_crops_scale"]), list(cfg["local_crops_scale"])
+    if cfg["stem"] == "auto":
+        cfg["stem"] = "cifar" if cfg["global_crop_size"] <= 64 else "imagenet"
+    if cfg["device"] is None:
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg["precision"] is None:
+        cfg["precision"] = "bf16" if cfg["device"] == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if cfg["num_workers"] is None:
+        cfg["num_workers"] = min(8, os.cpu_count() or 1)
+    return cfg
+
+
+def feature_stride(arch, cfg):
+    if family(arch) == "vit":
+        return cfg["patch_size"]
+    return 8 if cfg["stem"] == "cifar" else 32
+
+
+def validate_config(cfg, world_size):
+    """Refuse impossible settings before anything is built (one message naming the flag)."""
+    def bad(msg):
+        raise MOKDError(msg)
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        bad("--device cuda was requested but no CUDA device is available")
+    if cfg["device"] == "cpu" and cfg["precision"] == "fp16":
+        bad("--precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
+    for name in ("patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads", "epochs",
+                 "batch_size_per_gpu", "global_crop_size", "local_crop_size", "log_every",
+                 "head_hidden_dim", "bottleneck_dim", "benchmark_steps"):
+        if not isinstance(cfg[name], int) or cfg[name] < 1:
+            bad(f"--{name.replace('_', '-')} must be a positive integer, got {cfg[name]!r}")
+    for name in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "num_workers",
+                 "cross_warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs_a", "warmup_teacher_temp_epochs_b"):
+        if cfg[name] < 0:
+            bad(f"--{name.replace('_', '-')} must be >= 0, got {cfg[name]}")
+    if cfg["max_steps"] is not None and cfg["max_steps"] < 1:
+        bad(f"--max-steps must be >= 1, got {cfg['max_steps']}")
+    for m in "ab":
+        for k in ("lr", "min_lr", "weight_decay", "weight_decay_end", "lam", "clip_grad"):
+            v = cfg[f"{k}_{m}"]
+            if not math.isfinite(v) or v < 0:
+                flag = f"--{k.replace('_', '-').replace('lam', 'lambda')}-{m}"
+                bad(f"{flag} must be a finite number >= 0, got {v}")
+    for k in ("thead_lr", "thead_min_lr", "thead_weight_decay", "thead_weight_decay_end", "drop_path"):
+        if not math.isfinite(cfg[k]) or cfg[k] < 0:
+            bad(f"--{k.replace('_', '-')} must be a finite number >= 0, got {cfg[k]}")
+    for k in ("warmup_teacher_temp", "teacher_temp"):
+        if not math.isfinite(cfg[k]) or cfg[k] <= 0:
+            bad(f"--{k.replace('_', '-')} must be a positive temperature, got {cfg[k]}")
+    if not 0 <= cfg["momentum_teacher"] <= 1:
+        bad(f"--momentum-teacher must lie in [0, 1], got {cfg['momentum_teacher']}")
+    if cfg["drop_path"] >= 1:
+        bad(f"--drop-path must be < 1, got {cfg['drop_path']}")
+    for k in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = cfg[k]
+        if not 0 < lo <= hi <= 1:
+            bad(f"--{k.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    if cfg["local_crops_number"] == 0 and (cfg["lam_a"] > 0 or cfg["lam_b"] > 0):
+        # L_ct searches with local-crop queries: without local crops the cross terms are incomplete.
+        bad("--local-crops-number 0 leaves L_ct without queries; give local crops or set --lambda-a 0 --lambda-b 0")
+    if cfg["thead_dim"] % cfg["thead_heads"]:
+        bad(f"--thead-dim {cfg['thead_dim']} is not divisible by --thead-heads {cfg['thead_heads']}")
+    for m in "ab":
+        arch, s = cfg[f"arch_{m}"], feature_stride(cfg[f"arch_{m}"], cfg)
+        for k in ("global_crop_size", "local_crop_size"):
+            size = cfg[k]
+            if family(arch) == "vit" and size % s:
+                bad(f"--{k.replace('_', '-')} {size} is not divisible by --patch-size {s} (model {m.upper()}, {arch})")
+            if size < s:
+                bad(f"--{k.replace('_', '-')} {size} is smaller than model {m.upper()}'s ({arch}, stem "
+                    f"{cfg['stem']}) downsampling factor {s}: no feature map would remain")
+    has_bn = any(family(cfg[f"arch_{m}"]) == "resnet" for m in "ab")
+    if has_bn and cfg["batch_size_per_gpu"] < 2 and not (cfg["device"] == "cuda" and world_size > 1):
+        bad("--batch-size-per-gpu 1 leaves BatchNorm (ResNet) with one image per process; use at least 2")
+    if cfg["output_dir"]:
+        try:
+            os.makedirs(cfg["output_dir"], exist_ok=True)
+            probe = os.path.join(cfg["output_dir"], f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            bad(f"--output-dir {cfg['output_dir']!r} cannot be created or written: {e.strerror or e}")
+
+
+# ======================================================================================
+# 2. Data: DINO multi-crop augmentation, robust image loading, the synthetic demo dataset.
+# ======================================================================================
+class RandomGaussianBlur:
+    """PIL Gaussian blur with probability p and radius uniform in [0.1, 2.0] (DINO). Uses torch's RNG."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        if torch.rand(()) >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=0.1 + 1.9 * torch.rand(()).item()))
+
+
+class MultiCropAugmentation:
+    """Image -> [g1, g2, local_1 .. local_n] tensors (spec: Views)."""
+
+    def __init__(self, global_size, local_size, n_local, global_scale, local_scale):
+        flip_colour = T.Compose([
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2)])
+        norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        bicubic = T.InterpolationMode.BICUBIC
+
+        def crop(size, scale):
+            return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic, antialias=True)
+        self.global1 = T.Compose([crop(global_size, global_scale), flip_colour, RandomGaussianBlur(1.0), norm])
+        self.global2 = T.Compose([crop(global_size, global_scale), flip_colour, RandomGaussianBlur(0.1),
+                                  T.RandomSolarize(128, p=0.2), norm])
+        self.local = T.Compose([crop(local_size, local_scale), flip_colour, RandomGaussianBlur(0.5), norm])
+        self.n_local = n_local
+
+    def __call__(self, img):
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
+
+
+def to_rgb(img):
+    """Any PIL mode -> 8-bit RGB (16-bit and float images are rescaled, alpha is dropped)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 255.0 if img.mode == "F" and arr.max() <= 255 else (65535.0 if arr.max() > 255 else 255.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
+    """ImageFolder whose samples are (crops, n_bad). Augmentation is seeded by (seed, epoch, index), so the
+    crops of an image do not depend on the worker that loads it: data order and augmentation resume exactly."""
+
+    def __init__(self, root, transform, seed, bad_images):
+        super().__init__(root, loader=Image.open)
+        self.aug, self.seed, self.bad_images, self.epoch = transform, seed, bad_images, 0
+
+    def load(self, index):
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+        except Exception as e:  # PIL raises many types for broken files
+            raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+    def __getitem__(self, index):
+        n_bad = 0
+        for attempt in range(len(self.samples)):
+            try:
+                img = self.load((index + attempt) % len(self.samples))
+                break
+            except MOKDError as e:
+                if self.bad_images == "error":
+                    raise
+                print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
+                n_bad += 1
+        else:
+            raise MOKDError(f"no image under {self.root} could be read")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+            return self.aug(img), n_bad
+
+
+def draw_synthetic(index, seed, size):
+    """A procedurally drawn image of class index % 6: disc, ring, square, triangle, cross, stripes.
+    Position, scale, colours and background noise are random; the class is the shape alone."""
+    rng = np.random.default_rng([seed, index])
+    label = index % 6
+    bg = rng.integers(0, 256, 3)
+    arr = np.clip(bg + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    d = ImageDraw.Draw(img)
+    fg = tuple(int(c) for c in (bg + rng.integers(80, 176, 3)) % 256)
+    r = size * rng.uniform(0.22, 0.4)
+    cx, cy = rng.uniform(r, size - r, 2)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    w = max(1, int(r / 3))
+    if label == 0:
+        d.ellipse(box, fill=fg)
+    elif label == 1:
+        d.ellipse(box, outline=fg, width=w)
+    elif label == 2:
+        d.rectangle(box, fill=fg)
+    elif label == 3:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    elif label == 4:
+        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fg)
+        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fg)
+    else:
+        for k in range(-3, 4, 2):
+            y = cy + k * r / 4
+            d.rectangle((cx - r, y - w / 2, cx + r, y + w / 2), fill=fg)
+    return img, label
+
+
+class SyntheticMultiCrop(torch.utils.data.Dataset):
+    """The built-in demo dataset: `n` synthetic images (see draw_synthetic), optionally transformed."""
+    classes = ["disc", "ring", "square", "triangle", "cross", "stripes"]
+
+    def __init__(self, n, size, seed, transform):
+        self.n, self.size, self.seed, self.aug, self.epoch = n, size, seed, transform, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        img, label = draw_synthetic(index, self.seed, self.size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+            return self.aug(img), 0
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Global permutation seeded by (seed, epoch), split across ranks (rank::world), full batches only,
+    starting at batch `start` (mid-epoch resume). Step s of the global batch is the same images whatever
+    the number of processes."""
+
+    def __init__(self, n, batch_per_rank, rank, world, seed):
+        self.n, self.b, self.rank, self.world, self.seed = n, batch_per_rank, rank, world, seed
+        self.epoch, self.start = 0, 0
+        self.steps = n // (batch_per_rank * world)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.steps * self.b * self.world]
+        mine = perm[self.rank:: self.world]  # (steps * b,)
+        return iter(mine[self.start * self.b:].tolist())
+
+    def __len__(self):
+        return (self.steps - self.start) * self.b
+
+
+def eval_transform(crop_size):
+    """Resize + CenterCrop at the global crop size (nothing but normalisation at <= 64 px)."""
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if crop_size <= 64:
+        return T.Compose([T.Resize(crop_size, antialias=True), T.CenterCrop(crop_size)] + norm)
+    return T.Compose([T.Resize(int(crop_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC,
+                               antialias=True), T.CenterCrop(crop_size)] + norm)
+
+
+def check_image_folder(path, flag="--data-path"):
+    """Up-front checks of an ImageFolder tree; returns nothing, raises MOKDError naming the problem."""
+    if not os.path.exists(path):
+        raise MOKDError(f"{flag} {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise MOKDError(f"{flag} {path!r} is not a directory")
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    if not classes:
+        raise MOKDError(f"{flag} {path!r} has no class folders (expected {path}/<class>/<image>)")
+    exts = torchvision.datasets.folder.IMG_EXTENSIONS
+    for c in classes:
+        for _, _, files in os.walk(os.path.join(path, c)):
+            if any(f.lower().endswith(exts) for f in files):
+                return
+    raise MOKDError(f"{flag} {path!r} has class folders but no image files ({', '.join(exts)})")
+
+
+# ======================================================================================
+# 3. Backbones. Each returns (pooled (N, C), tokens (N, h*w, C), (h, w)).
+# ======================================================================================
+class ResNetBackbone(nn.Module):
+    """torchvision's ResNet without fc; `net` loads into torchvision.models.resnetXX() with fc = Identity."""
+
+    def __init__(self, arch, stem):
+        super().__init__()
+        net = getattr(torchvision.models, arch)(weights=None)
+        if stem == "cifar":  # 3x3 conv, stride 1, no max-pool: a 32 px crop keeps a 4x4 last stage
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        self.embed_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x):
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))  # (N, C, h, w)
+        return x.mean((2, 3)), x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
+
+
+def drop_path(x, p, training):
+    """Stochastic depth per sample."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.fused = True  # scaled_dot_product_attention; False = the explicit softmax (tests compare them)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, C/h)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * (C // self.heads) ** -0.5) @ k.transpose(-2, -1)  # (B, h, N, N)
+            x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (ViT and T-head), LayerNorm eps 1e-6, MLP ratio 4."""
+
+    def __init__(self, dim, heads, drop_path=0.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+
+
+def resize_pos_embed(pos, grid, new_grid):
+    """(1, h*w, D) position embedding for `grid` -> (1, h'*w', D) for `new_grid`, bicubic."""
+    if tuple(grid) == tuple(new_grid):
+        return pos
+    D = pos.shape[-1]
+    pos = pos.reshape(1, *grid, D).permute(0, 3, 1, 2)  # (1, D, h, w)
+    pos = F.interpolate(pos.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    return pos.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)  # (1, h'*w', D)
+
+
+def trunc_normal_init(module):
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    """DINO-style ViT; parameter names match DINO and timm (cls_token, pos_embed, patch_embed.proj, blocks.N...)."""
+
+    def __init__(self, dim, heads, patch, img_size, depth=12, drop_path_rate=0.0):
+        super().__init__()
+        self.embed_dim, self.patch, self.grid = dim, patch, (img_size // patch, img_size // patch)
+        self.patch_embed = PatchEmbed(patch, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(Block(dim, heads, r) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.grad_checkpointing = False
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(trunc_normal_init)
+
+    def tokens(self, x):
+        x = self.patch_embed.proj(x)  # (N, D, h, w)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)  # (N, h*w, D)
+        pos = torch.cat([self.pos_embed[:, :1], resize_pos_embed(self.pos_embed[:, 1:], self.grid, grid)], 1)
+        return torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + pos, grid  # (N, 1+h*w, D)
+
+    def run_blocks(self, x, keep_last=0):
+        kept = []
+        for i, blk in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i >= len(self.blocks) - keep_last:
+                kept.append(self.norm(x))
+        return x, kept
+
+    def forward(self, x):
+        x, grid = self.tokens(x)
+        x = self.norm(self.run_blocks(x)[0])  # (N, 1+h*w, D)
+        return x[:, 0], x[:, 1:], grid
+
+    def last_layers(self, x, n):
+        """Outputs of the last n blocks after the final norm, each (N, 1+h*w, D) (linear-probe features)."""
+        return self.run_blocks(self.tokens(x)[0], keep_last=n)[1]
+
+
+def build_backbone(arch, cfg, drop_path_rate=0.0):
+    if arch in RESNETS:
+        return ResNetBackbone(arch, cfg["stem"])
+    if arch in VITS:
+        dim, heads = VITS[arch]
+        return VisionTransformer(dim, heads, cfg["patch_size"], cfg["global_crop_size"], 12, drop_path_rate)
+    raise MOKDError(f"unknown architecture {arch!r}; choices: {', '.join(ARCHS)}")
+
+
+# ======================================================================================
+# 4. Heads: the DINO MLP head h, the transformer head g and its cross-attention feature search.
+# ======================================================================================
+def weight_normed_last_layer(in_dim, out_dim, freeze_norm):
+    """Weight-normalised Linear(in, K) without bias; the norm g starts at 1 and is frozen if freeze_norm."""
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(in_dim, out_dim, bias=False))
+    g = layer.parametrizations.weight.original0  # (K, 1)
+    with torch.no_grad():
+        g.fill_(1.0)
+    g.requires_grad_(not freeze_norm)
+    return layer
+
+
+class DINOHead(nn.Module):
+    """h: Linear-GELU-Linear-GELU-Linear to the bottleneck, L2-normalise, weight-normalised Linear to K."""
+
+    def __init__(self, in_dim, out_dim, norm_last_layer, hidden=2048, bottleneck=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.apply(trunc_normal_init)
+        self.last_layer = weight_normed_last_layer(bottleneck, out_dim, norm_last_layer)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))  # (N, K)
+
+
+class THead(nn.Module):
+    """g: project backbone tokens to width d, add a position embedding for the global crop's grid,
+    optionally prepend a query token, 3 transformer blocks + LayerNorm, mean over tokens (query dropped),
+    weight-normalised Linear(d, K). embed() and run() are split so the search embeds g1 once and tiles it."""
+
+    def __init__(self, in_dim, dim, grid, out_dim, depth, heads, norm_last_layer):
+        super().__init__()
+        self.proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)  # identity when widths match
+        self.grid = tuple(grid)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(trunc_normal_init)
+        self.last_layer = weight_normed_last_layer(dim, out_dim, norm_last_layer)
+
+    def embed(self, tokens, grid):
+        """(N, h*w, C) backbone tokens -> (N, h*w, d) projected and position-embedded."""
+        return self.proj(tokens) + resize_pos_embed(self.pos_embed, self.grid, grid)
+
+    def run(self, x, query=None):
+        """(N, L, d) embedded tokens [+ query (N, d)] -> logits (N, K)."""
+        if query is not None:
+            x = torch.cat([query.unsqueeze(1).to(x.dtype), x], dim=1)  # (N, 1+L, d), no position on the query
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        if query is not None:
+            x = x[:, 1:]  # (N, L, d)
+        return self.last_layer(x.mean(dim=1))  # (N, K)
+
+
+class MOKDModel(nn.Module):
+    """One model X: backbone f, MLP head h, T-head g (None for independent DINO in the benchmark)."""
+
+    def __init__(self, arch, cfg, norm_last_layer, drop_path_rate=0.0, with_thead=True):
+        super().__init__()
+        self.arch = arch
+        self.backbone = build_backbone(arch, cfg, drop_path_rate)
+        C = self.backbone.embed_dim
+        self.head = DINOHead(C, cfg["out_dim"], norm_last_layer, cfg["head_hidden_dim"], cfg["bottleneck_dim"])
+        s = feature_stride(arch, cfg)
+        grid = (cfg["global_crop_size"] // s,) * 2
+        self.thead = THead(C, cfg["thead_dim"], grid, cfg["out_dim"], cfg["thead_depth"], cfg["thead_heads"],
+                           norm_last_layer) if with_thead else None
+
+    def forward(self, global_crops, local_crops=None):
+        """global_crops (2B, 3, G, G), local_crops (nB, 3, l, l) or None. Returns a dict:
+        m (V*B, K) MLP-head logits, t (V*B, K) T-head logits, query (nB, d) detached local-crop queries,
+        g1 (B, L, d) embedded tokens of global crop 1 (what the teacher's search attends over)."""
+        out, ms, ts = {}, [], []
+        for i, x in enumerate((global_crops, local_crops)):
+            if x is None or len(x) == 0:
+                continue
+            if isinstance(self.backbone, ResNetBackbone) and x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            pooled, tokens, grid = self.backbone(x)  # (N, C), (N, h*w, C)
+            ms.append(self.head(pooled))
+            if self.thead is not None:
+                emb = self.thead.embed(tokens, grid)  # (N, h*w, d)
+                ts.append(self.thead.run(emb))
+                if i == 0:
+                    out["g1"] = emb[: len(x) // 2]  # (B, h*w, d): crop-major, so rows [0, B) are g1
+                else:  # q_X: CNN = mean of projected tokens = proj(pooled); ViT = CLS (projected if widths differ)
+                    out["query"] = self.thead.proj(pooled).detach()  # (nB, d), no gradient through the search
+        out["m"] = torch.cat(ms)  # (V*B, K)
+        out["t"] = torch.cat(ts) if ts else None
+        return out
+
+
+def search(teacher, g1, query, n_local):
+    """Cross-attention feature search: teacher T-head over its own g1 tokens, tiled once per local crop,
+    with the partner's query prepended. g1 (B, L, d), query (n*B, d) crop-major -> (n*B, K).
+    Row j*B + b pairs the query of local crop j of image b with g1 of image b."""
+    tiled = g1.repeat(n_local, 1, 1)  # (n*B, L, d): row j*B + b is image b
+    return teacher.thead.run(tiled, query)
+
+
+# ======================================================================================
+# 5. Losses (computed in float32 whatever the autocast dtype).
+# ======================================================================================
+def dino_loss(student, teacher, center, tau_t, n_global=2):
+    """DINO loss (L_sm, L_st, L_cm): student (V*B, K), teacher (2*B, K), centre (1, K).
+    Mean over (teacher global view i, student view v != i) of mean_b[-sum_k p_t log p_s]."""
+    s = F.log_softmax(student.float() / STUDENT_TEMP, dim=-1).chunk(len(student) // (len(teacher) // n_global))
+    p = F.softmax((teacher.float() - center) / tau_t, dim=-1).chunk(n_global)
+    total, n = 0.0, 0
+    for i, p_i in enumerate(p):
+        for v, s_v in enumerate(s):
+            if v != i:
+                total = total + (-(p_i * s_v).sum(-1)).mean()
+                n += 1
+    return total / n
+
+
+def cross_entropy(student, teacher, tau_t):
+    """L_ct: mean_b[-sum_k softmax(t / tau_t) log softmax(s / tau_s)], no centre. Both (n*B, K)."""
+    return (-(F.softmax(teacher.float() / tau_t, -1) * F.log_softmax(student.float() / STUDENT_TEMP, -1)).sum(-1)).mean()
+
+
+def entropy(teacher, center, tau_t):
+    """Mean entropy of the teacher's centred, sharpened output (collapse signal: log K = uniform)."""
+    p = F.softmax((teacher.float() - center) / tau_t, dim=-1)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+
+
+class Centres(nn.Module):
+    """The six DINO centres: c_sm, c_st, c_cm for each model (L_ct has none)."""
+
+    def __init__(self, out_dim):
+        super().__init__()
+        for m in "ab":
+            for term in ("sm", "st", "cm"):
+                self.register_buffer(f"{term}_{m}", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def update(self, teachers):
+        """c <- 0.9 c + 0.1 mean over the global batch of t; teachers: {name: (2B, K)}. One all-reduce."""
+        names = list(teachers)
+        sums = torch.stack([teachers[k].float().sum(0) for k in names])  # (n, K)
+        count = torch.tensor(float(len(teachers[names[0]])), device=sums.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+            count = count * dist.get_world_size()
+        for k, s in zip(names, sums):
+            getattr(self, k).mul_(CENTER_MOMENTUM).add_(s / count, alpha=1 - CENTER_MOMENTUM)
+
+
+def model_losses(x, y, s, t_self, t_other, search_other, centres, tau_self, tau_cross, lam):
+    """Model X's four terms and total L_X = L_sm + L_st + lambda_X (L_cm + L_ct) (spec: Losses of model X).
+    s: student X outputs; t_self / t_other: teacher X / Y outputs; search_other: search_Y(q_X) (n*B, K)."""
+    zero = s["m"].new_zeros((), dtype=torch.float32)
+    L = {"L_sm": dino_loss(s["m"], t_self["m"], getattr(centres, f"sm_{x}"), tau_self)}
+    L["L_st"] = dino_loss(s["t"], t_self["t"], getattr(centres, f"st_{x}"), tau_self) if s["t"] is not None else zero
+    if lam > 0:
+        L["L_cm"] = dino_loss(s["m"], t_other["m"], getattr(centres, f"cm_{x}"), tau_cross)
+        n_global_rows = len(t_self["m"])  # 2B: student rows after them are the local crops, crop-major
+        L["L_ct"] = cross_entropy(s["t"][n_global_rows:], search_other, tau_cross)
+    else:
+        L["L_cm"] = L["L_ct"] = zero
+    total = L["L_sm"] + L["L_st"] + lam * (L["L_cm"] + L["L_ct"])
+    return total, L
+
+
+# ======================================================================================
+# 6. Schedules (pure functions of epoch / iteration), optimisers, gradient clipping, teacher EMA.
+# ======================================================================================
+def cosine_schedule(base, final, epochs, niter, warmup_epochs=0, start_warmup=0.0):
+    """One value per iteration: linear warm-up from start_warmup, then cosine from base to final."""
+    # DEVIATION: a warm-up longer than the run is clamped to the run (the authors' code crashes).
+    warm = min(warmup_epochs, epochs) * niter
+    total = epochs * niter
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(total - warm) / max(1, total - warm)))
+    return np.concatenate([np.linspace(start_warmup, base, warm), cos])
+
+
+def teacher_temp_schedule(start, final, warmup_epochs, epochs):
+    """tau_t per epoch: linear from start to final over warm-up epochs, then final (clamped to the run)."""
+    warm = min(warmup_epochs, epochs)
+    return np.concatenate([np.linspace(start, final, warm), np.full(epochs - warm, final)])
+
+
+def param_groups(model, thead_sched):
+    """No weight decay for biases and 1-D tensors (DINO); the T-head gets its own schedule tag."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        sched = thead_sched if name.startswith("thead.") else "main"
+        reg = not (name.endswith(".bias") or p.ndim == 1)
+        groups.setdefault((sched, reg), []).append(p)
+    return [{"params": ps, "sched": s, "reg": r} for (s, r), ps in groups.items()]
+
+
+def build_optimizer(model, cfg, m, device):
+    thead_sched = "thead" if family(model.arch) == "resnet" else "main"  # CNN T-head: transformer schedule
+    groups = param_groups(model, thead_sched)
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if cfg[f"optimizer_{m}"] == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, **fused)
+    return torch.optim.AdamW(groups, lr=0.0, **fused)
+
+
+def build_schedules(cfg, niter, world_size):
+    """Every per-iteration / per-epoch schedule of the run, computed in one place."""
+    E, W = cfg["epochs"], cfg["warmup_epochs"]
+    scale = cfg["batch_size_per_gpu"] * world_size / 256.0  # linear lr scaling rule
+    S = {"momentum": cosine_schedule(cfg["momentum_teacher"], 1.0, E, niter),
+         "tau_cross": teacher_temp_schedule(cfg["warmup_teacher_temp"], cfg["teacher_temp"],
+                                            cfg["cross_warmup_teacher_temp_epochs"], E)}
+    for m in "ab":
+        S[m] = {"main": (cosine_schedule(cfg[f"lr_{m}"] * scale, cfg[f"min_lr_{m}"], E, niter, W),
+                         cosine_schedule(cfg[f"weight_decay_{m}"], cfg[f"weight_decay_end_{m}"], E, niter)),
+                "thead": (cosine_schedule(cfg["thead_lr"] * scale, cfg["thead_min_lr"], E, niter, W),
+                          cosine_schedule(cfg["thead_weight_decay"], cfg["thead_weight_decay_end"], E, niter)),
+                "tau": teacher_temp_schedule(cfg["warmup_teacher_temp"], cfg["teacher_temp"],
+                                             cfg[f"warmup_teacher_temp_epochs_{m}"], E)}
+    return S
+
+
+def set_schedule(opt, sched, it):
+    for g in opt.param_groups:
+        lr, wd = sched[g["sched"]]
+        g["lr"] = float(lr[it])
+        g["weight_decay"] = float(wd[it]) if g["reg"] else 0.0
+
+
+def clip_per_tensor(params, max_norm):
+    """DINO-style clipping: each gradient tensor's own norm is clipped to max_norm (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm <= 0 or not grads:
+        return
+    for g, n in zip(grads, torch._foreach_norm(grads)):
+        g.mul_((max_norm / (n + 1e-6)).clamp(max=1.0))
+
+
+@torch.no_grad()
+def ema_update(student, teacher, m):
+    """teacher <- m teacher + (1 - m) student, over all parameters (BatchNorm buffers are not averaged)."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t, m)
+    torch._foreach_add_(t, s, alpha=1.0 - m)
+
+
+# ======================================================================================
+# 7. Distributed helpers and checkpoints.
+# ======================================================================================
+def setup_distributed(cfg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process without a group."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(cfg["device"])
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if cfg["device"] == "cuda":
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg["dist_timeout"]),
+                            device_id=device if backend == "nccl" else None)
+    return rank, world, device
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def say(rank, *msg):
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+def unwrap(model):
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, fsync, rename: a crash mid-save leaves the old file intact."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) with a clear error for a missing, truncated or foreign file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MOKDError(f"checkpoint {path!r} does not exist") from None
+    except Exception as e:
+        raise MOKDError(f"checkpoint {path!r} is unreadable (truncated or not a mokd checkpoint): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "models" not in ckpt:
+        raise MOKDError(f"checkpoint {path!r} is not a mokd.py checkpoint (no 'config' / 'models' entries)")
+    return ckpt
+
+
+def load_strict(module, state, what):
+    """load_state_dict(strict=True) with an error listing missing and unexpected keys."""
+    own = set(module.state_dict())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise MOKDError(f"{what}: state dict does not match the model; missing keys: {missing[:10]}"
+                        f"{' ...' if len(missing) > 10 else ''}; unexpected keys: {unexpected[:10]}"
+                        f"{' ...' if len(unexpected) > 10 else ''}")
+    module.load_state_dict(state, strict=True)
+
+
+def check_resume_config(saved, cfg, path):
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs requested {cfg[k]!r}" for k in GEOMETRY_KEYS if saved.get(k) != cfg[k]]
+    if diff:
+        raise MOKDError(f"checkpoint {path!r} was trained with a different configuration; "
+                        f"differing keys: {'; '.join(diff)}. Use another --output-dir or the saved settings.")
+
+
+def gather_rng_states(world):
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [state]
+    out = [None] * world
+    dist.all_gather_object(out, state)
+    return out
+
+
+# ======================================================================================
+# 8. The MOKD step and the training loop.
+# ======================================================================================
+class Run:
+    """Everything one training run holds: both models' students, teachers, optimisers and scalers, centres."""
+
+    def __init__(self, cfg, device, world, with_thead=True):
+        self.cfg, self.device, self.world = cfg, device, world
+        self.students, self.teachers, self.opts, self.scalers = {}, {}, {}, {}
+        for m in "ab":
+            arch = cfg[f"arch_{m}"]
+            student = MOKDModel(arch, cfg, cfg[f"norm_last_layer_{m}"], cfg["drop_path"], with_thead)
+            teacher = MOKDModel(arch, cfg, cfg[f"norm_last_layer_{m}"], 0.0, with_thead)
+            teacher.load_state_dict(student.state_dict())
+            if isinstance(student.backbone, VisionTransformer):
+                student.backbone.grad_checkpointing = cfg["grad_checkpointing"]
+            if family(arch) == "resnet" and world > 1 and device.type == "cuda":
+                student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+                teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            mf = torch.channels_last if family(arch) == "resnet" and device.type == "cuda" else torch.preserve_format
+            student, teacher = student.to(device, memory_format=mf), teacher.to(device, memory_format=mf)
+            teacher.requires_grad_(False)  # teachers run in train mode (BatchNorm batch statistics), as DINO
+            self.opts[m] = build_optimizer(student, cfg, m, device)
+            self.scalers[m] = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
+            if world > 1:
+                student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+            if cfg["compile"]:
+                student, teacher = torch.compile(student), torch.compile(teacher)
+            self.students[m], self.teachers[m] = student, teacher
+        self.centres = Centres(cfg["out_dim"]).to(device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg["precision"]]
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def losses(self, crops, epoch, S):
+        """Forward pass of both models and the eight terms. crops: [g1, g2, l_1..l_n], each (B, 3, H, W)."""
+        cfg, n = self.cfg, len(crops) - 2
+        glob = torch.cat(crops[:2])  # (2B, 3, G, G) crop-major
+        loc = torch.cat(crops[2:]) if n else None  # (nB, 3, l, l)
+        with self.autocast:
+            s = {m: self.students[m](glob, loc) for m in "ab"}
+            with torch.no_grad():
+                t = {m: self.teachers[m](glob) for m in "ab"}  # teachers see the 2 global crops only
+                srch = {x: (search(unwrap(self.teachers[y]), t[y]["g1"], s[x]["query"], n)
+                            if cfg[f"lam_{x}"] > 0 else None) for x, y in (("a", "b"), ("b", "a"))}
+        totals, terms = {}, {}
+        for x, y in (("a", "b"), ("b", "a")):
+            totals[x], terms[x] = model_losses(x, y, s[x], t[x], t[y], srch[x], self.centres, S[x]["tau"][epoch],
+                                               S["tau_cross"][epoch], cfg[f"lam_{x}"])
+        ents = [entropy(t[m]["m"], getattr(self.centres, f"sm_{m}"), S[m]["tau"][epoch]) for m in "ab"]
+        new = {f"sm_{m}": t[m]["m"] for m in "ab"}
+        new.update({f"st_{m}": t[m]["t"] for m in "ab" if t[m]["t"] is not None})
+        new.update({f"cm_{x}": t[y]["m"] for x, y in (("a", "b"), ("b", "a")) if cfg[f"lam_{x}"] > 0})
+        return totals, terms, ents, new
+
+    def step(self, crops, epoch, it, S):
+        """One optimiser step of both models; returns the step's 8 terms + 2 entropies as one device tensor."""
+        for m in "ab":
+            set_schedule(self.opts[m], S[m], it)
+        totals, terms, ents, new_teacher_outputs = self.losses(crops, epoch, S)
+        for m in "ab":  # separate backward passes: L_A only reaches student A, L_B only student B
+            opt, scaler, student = self.opts[m], self.scalers[m], self.students[m]
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(totals[m]).backward()
+            scaler.unscale_(opt)
+            clip_per_tensor(student.parameters(), self.cfg[f"clip_grad_{m}"])
+            if epoch < self.cfg["freeze_last_layer"]:  # last layers of both heads stay fixed in epoch 0
+                for name, p in student.named_parameters():
+                    if "last_layer" in name:
+                        p.grad = None
+            scaler.step(opt)
+            scaler.update()
+        self.centres.update(new_teacher_outputs)  # after the loss, as DINO
+        for m in "ab":
+            ema_update(unwrap(self.students[m]), unwrap(self.teachers[m]), float(S["momentum"][it]))
+        return torch.stack([terms[m][k].detach() for m in "ab" for k in LOSS_NAMES] + [e.detach() for e in ents])
+
+    def state(self):
+        return {"models": {m: {"student": unwrap(self.students[m]).state_dict(),
+                               "teacher": unwrap(self.teachers[m]).state_dict()} for m in "ab"},
+                "optimizers": {m: self.opts[m].state_dict() for m in "ab"},
+                "scalers": {m: self.scalers[m].state_dict() for m in "ab"},
+                "centres": self.centres.state_dict()}
+
+    def load(self, ckpt, path):
+        for m in "ab":
+            for role, mods in (("student", self.students), ("teacher", self.teachers)):
+                load_strict(unwrap(mods[m]), ckpt["models"][m][role], f"{path}: model {m} {role}")
+            self.opts[m].load_state_dict(ckpt["optimizers"][m])
+            self.scalers[m].load_state_dict(ckpt["scalers"][m])
+        load_strict(self.centres, ckpt["centres"], f"{path}: centres")
+
+
+class Monitor:
+    """Checks each step's values one step late so the GPU never waits for the host: the step's tensor
+    (8 terms, 2 entropies, stop flag) is all-reduced and copied to the host asynchronously, and read
+    after the next step is queued. Every rank sees the same reduced values, so all stop together."""
+    KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ["a.entropy", "b.entropy"]
+
+    def __init__(self, world, device):
+        self.world, self.device, self.pending = world, device, None
+
+    def push(self, values, step, stop_requested):
+        v = torch.cat([values.float(), torch.tensor([float(stop_requested)], device=values.device)])
+        if self.world > 1:
+            dist.all_reduce(v)
+        v = v.to("cpu", non_blocking=True)
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self.pending, prev = (step, v, event), self.pending
+        return self.read(prev) if prev is not None else None
+
+    def read(self, item):
+        """(step, host tensor, event) -> (step, {name: mean over ranks}, stop flag)."""
+        step, v, event = item
+        if event is not None:
+            event.synchronize()
+        vals = (v / self.world).tolist()
+        return step, dict(zip(self.KEYS, vals[:-1])), vals[-1] > 0
+
+    def flush(self):
+        item, self.pending = self.pending, None
+        return self.read(item) if item is not None else None
+
+
+class NonFiniteLoss(MOKDError):
+    pass
+
+
+def check_finite(step, vals, last_ckpt):
+    for k, v in vals.items():
+        if not math.isfinite(v):
+            model, term = k.split(".")
+            raise NonFiniteLoss(f"non-finite loss: model {model.upper()} term {term} = {v} at step {step}. "
+                                f"Last good checkpoint: {last_ckpt or 'none written yet'} (left intact).")
+
+
+def make_loader(cfg, rank, world, device):
+    aug = MultiCropAugmentation(cfg["global_crop_size"], cfg["local_crop_size"], cfg["local_crops_number"],
+                                cfg["global_crops_scale"], cfg["local_crops_scale"])
+    if cfg["data_path"]:
+        ds = ImageFolderMultiCrop(cfg["data_path"], aug, cfg["seed"], cfg["bad_images"])
+    else:
+        ds = SyntheticMultiCrop(cfg.get("synthetic_size", 1536), max(32, cfg["global_crop_size"]), cfg["seed"], aug)
+    sampler = EpochSampler(len(ds), cfg["batch_size_per_gpu"], rank, world, cfg["seed"])
+    if sampler.steps == 0:
+        raise MOKDError(f"the dataset ({len(ds)} images) is smaller than one global batch "
+                        f"({cfg['batch_size_per_gpu']} x {world} processes); lower --batch-size-per-gpu")
+    w = cfg["num_workers"]
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size_per_gpu"], sampler=sampler, num_workers=w,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=w > 0, prefetch_factor=4 if w > 0 else None)
+    return ds, sampler, loader
+
+
+def worker_error_message(e):
+    """An error raised in a DataLoader worker comes back with the worker's traceback text: keep our message."""
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+    return msg.split("Error: ", 1)[-1] if "Traceback" in str(e) else msg
+
+
+class StopRequest:
+    """SIGTERM / SIGINT ask every rank to finish the current step, write a checkpoint and exit.
+    A second signal exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"received signal {signum}: finishing this step, saving a checkpoint, then exiting", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def train(cfg, rank, world, device):
+    out = cfg["output_dir"]
+    ckpt_path = os.path.join(out, "checkpoint.pth")
+    resume = cfg["resume"] or (ckpt_path if os.path.exists(ckpt_path) else None)
+    saved = None
+    if resume:  # read and validate before building anything; a bad file is never overwritten by a fresh start
+        saved = load_checkpoint(resume)
+        check_resume_config(saved["config"], cfg, resume)
+    ds, sampler, loader = make_loader(cfg, rank, world, device)
+    if not cfg["data_path"]:
+        say(rank, f"no --data-path: training on the built-in synthetic dataset ({len(ds)} images of "
+                  f"{len(SyntheticMultiCrop.classes)} shape classes: {', '.join(SyntheticMultiCrop.classes)})")
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
+    run = Run(cfg, device, world)
+    niter = sampler.steps
+    S = build_schedules(cfg, niter, world)
+    start_epoch, start_it = 0, 0
+    if saved is not None:
+        run.load(saved, resume)
+        start_epoch, start_it = saved["epoch"], saved["step_in_epoch"]
+        rngs = saved["rng"]
+        if len(rngs) == world:
+            torch.set_rng_state(rngs[rank]["torch"])
+            if "cuda" in rngs[rank] and device.type == "cuda":
+                torch.cuda.set_rng_state(rngs[rank]["cuda"])
+        else:
+            torch.manual_seed(cfg["seed"] + rank + 1000 * saved["global_step"])
+        say(rank, f"resumed from {resume}: epoch {start_epoch}, step {start_it}/{niter}")
+        del saved
+    else:
+        torch.manual_seed(cfg["seed"] + rank)  # per-rank randomness (drop-path)
+    knn_before = demo_knn(run, cfg, device, rank) if not cfg["data_path"] and start_epoch == start_it == 0 else None
+    if rank == 0:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                       "python": platform.python_version(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else platform.processor() or platform.machine(), "argv": sys.argv}, f, indent=1)
+    total_steps = cfg["epochs"] * niter if cfg["max_steps"] is None else min(cfg["epochs"] * niter, cfg["max_steps"])
+    monitor, stop = Monitor(world, device), StopRequest()
+    last_ckpt = resume
+    log = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
+    state = {"step": start_epoch * niter + start_it, "t0": time.time(), "t_log": time.time(), "imgs": 0, "start": start_epoch * niter + start_it}
+
+    def handle(item):  # check one step's reduced values: non-finite stop, logging
+        if item is None:
+            return False
+        step, vals, stop_flag = item
+        check_finite(step, vals, last_ckpt)
+        if rank == 0 and (step % cfg["log_every"] == 0 or step == total_steps - 1):
+            log_step(cfg, log, step, niter, vals, S, state, total_steps, device)
+        return stop_flag
+
+    def save(epoch, it):
+        nonlocal last_ckpt
+        handle(monitor.flush())  # never save a state whose last step was non-finite
+        rng = gather_rng_states(world)
+        if rank == 0:
+            atomic_save({"config": cfg, "epoch": epoch, "step_in_epoch": it, "global_step": epoch * niter + it,
+                         "rng": rng, **run.state()}, ckpt_path)
+        last_ckpt = ckpt_path
+
+    try:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            ds.epoch, sampler.epoch, sampler.start = epoch, epoch, (start_it if epoch == start_epoch else 0)
+            n_bad, stopping = 0, False
+            try:
+                for it, (crops, bad) in enumerate(loader, start=sampler.start):
+                    crops = [c.to(device, non_blocking=True) for c in crops]
+                    n_bad += int(bad.sum())
+                    step = epoch * niter + it
+                    values = run.step(crops, epoch, step, S)
+                    state["step"], state["imgs"] = step + 1, state["imgs"] + len(crops[0]) * world
+                    stopping = handle(monitor.push(values, step, stop.requested))
+                    if stopping or state["step"] >= total_steps:
+                        break
+            except MOKDError as e:  # raised here, or in a worker (then it carries the worker's traceback text)
+                raise MOKDError(worker_error_message(e)) from None
+            if n_bad:
+                print(f"warning: epoch {epoch} (rank {rank}): {n_bad} unreadable images were skipped", file=sys.stderr)
+            done = state["step"] - epoch * niter
+            save(epoch + 1, 0) if done >= niter else save(epoch, done)
+            if stopping:
+                say(rank, f"stopped by signal after step {state['step']}; relaunch the same command to resume")
+                return None
+            if state["step"] >= total_steps:
+                if state["step"] < cfg["epochs"] * niter:
+                    say(rank, f"--max-steps {cfg['max_steps']} reached; checkpoint written to {ckpt_path}")
+                    return None
+                break
+    finally:
+        stop.restore()
+        if log:
+            log.close()
+    if rank == 0 and not cfg["data_path"]:
+        after = demo_knn(run, cfg, device, rank)
+        say(rank, json.dumps({"knn_top1_before": knn_before, "knn_top1_after": after}))
+    return run
+
+
+def log_step(cfg, log, step, niter, vals, S, state, total_steps, device):
+    now = time.time()
+    epoch = step // niter
+    rec = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in vals.items()},
+           "lr_a": float(S["a"]["main"][0][step]), "lr_b": float(S["b"]["main"][0][step]),
+           "momentum": float(S["momentum"][step]), "tau_a": float(S["a"]["tau"][epoch]),
+           "tau_b": float(S["b"]["tau"][epoch]), "tau_cross": float(S["tau_cross"][epoch]),
+           "images_per_s": round(state["imgs"] / max(now - state["t_log"], 1e-9), 2), "peak_mem_mb": peak_memory_mb(device)}
+    for m in "ab":  # cross terms are not computed with lambda 0
+        if cfg[f"lam_{m}"] == 0:
+            rec[f"{m}.L_cm"] = rec[f"{m}.L_ct"] = None
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    done = state["step"] - state["start"]
+    eta = (now - state["t0"]) / max(done, 1) * (total_steps - state["step"])
+    print(f"step {step + 1}/{total_steps} epoch {epoch} | A: " + " ".join(f"{k} {vals['a.' + k]:.3f}" for k in LOSS_NAMES)
+          + " | B: " + " ".join(f"{k} {vals['b.' + k]:.3f}" for k in LOSS_NAMES)
+          + f" | {rec['images_per_s']:.1f} img/s | ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
+    state["t_log"], state["imgs"] = now, 0
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+# ======================================================================================
+# 9. k-NN evaluation (shared with eval_linear.py), benchmark, export, main.
+# ======================================================================================
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, num_classes=None, chunk=256):
+    """Weighted k-NN (DINO): cosine similarity of L2-normalised features, vote weights exp(s / T).
+    Returns {k: (top1 %, top5 %)}. Any number of train / test images; memory bounded by `chunk`."""
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    C = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    hits = {k: [0, 0] for k in ks}
+    kmax = min(max(ks), len(train_f))
+    for i in range(0, len(test_f), chunk):
+        sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(kmax, dim=1)  # (n, kmax)
+        w, labels, y = (sim / T).exp(), train_y[idx], test_y[i:i + chunk]
+        for k in ks:
+            votes = torch.zeros(len(y), C).scatter_add_(1, labels[:, :k], w[:, :k])  # (n, C)
+            top = votes.topk(min(5, C), dim=1).indices
+            hits[k][0] += (top[:, 0] == y).sum().item()
+            hits[k][1] += (top == y[:, None]).any(1).sum().item()
+    return {k: (100.0 * h1 / len(test_f), 100.0 * h5 / len(test_f)) for k, (h1, h5) in hits.items()}
+
+
+@torch.no_grad()
+def demo_knn(run, cfg, device, rank):
+    """k-NN top-1 (k=20) of both teachers' pooled features on held-out synthetic images."""
+    if rank != 0:
+        return None
+    tf, size = eval_transform(cfg["global_crop_size"]), max(32, cfg["global_crop_size"])
+    def images(n, seed):
+        pairs = [draw_synthetic(i, seed, size) for i in range(n)]
+        return torch.stack([tf(im) for im, _ in pairs]), torch.tensor([y for _, y in pairs])
+    (xtr, ytr), (xte, yte) = images(600, cfg["seed"] + 1), images(300, cfg["seed"] + 2)
+    res = {}
+    for m in "ab":
+        bb = unwrap(run.teachers[m]).backbone
+        bb.eval()  # BatchNorm running statistics; the teacher trains in train mode
+        feats = [torch.cat([bb(x[i:i + 100].to(device))[0].float().cpu() for i in range(0, len(x), 100)]) for x in (xtr, xte)]
+        bb.train()
+        res[cfg[f"arch_{m}"] + f" ({m.upper()})"] = round(knn_classify(feats[0], ytr, feats[1], yte, (20,))[20][0], 2)
+    say(rank, f"k-NN top-1 (k=20) of the teachers on held-out synthetic images: {res}")
+    return res
+
+
+def benchmark(cfg, device):
+    """Images/s, ms/step and peak memory of (a) full MOKD and (b) independent DINO training of the two models
+    (lambda 0, no T-heads, no search) on random tensors of the real crop shapes; plus a FLOP-count ratio."""
+    from torch.utils.flop_counter import FlopCounterMode
+    B, n, G, l = cfg["batch_size_per_gpu"], cfg["local_crops_number"], cfg["global_crop_size"], cfg["local_crop_size"]
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    crops = [torch.randn(B, 3, G, G, generator=gen) for _ in range(2)] + [torch.randn(B, 3, l, l, generator=gen) for _ in range(n)]
+    crops = [c.to(device) for c in crops]
+    S = build_schedules(cfg, 1000, 1)
+    ep = min(cfg["freeze_last_layer"], cfg["epochs"] - 1)  # past the frozen-last-layer epoch where possible
+    results = {}
+    for name, thead in (("independent", False), ("mokd", True)):
+        c = dict(cfg) if thead else {**cfg, "lam_a": 0.0, "lam_b": 0.0}
+        torch.manual_seed(cfg["seed"])
+        run = Run(c, device, 1, with_thead=thead)
+        with FlopCounterMode(display=False) as fc:
+            run.step(crops, ep, 0, S)
+        for i in range(3):  # warm-up
+            run.step(crops, ep, i, S)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for i in range(cfg["benchmark_steps"]):
+            v = run.step(crops, ep, i, S)
+        v.tolist()  # wait for the device
+        dt = (time.perf_counter() - t0) / cfg["benchmark_steps"]
+        results[name] = {"images_per_s": round(B / dt, 2), "ms_per_step": round(1000 * dt, 1),
+                         "peak_mem_mb": peak_memory_mb(device), "gflop_per_step": round(fc.get_total_flops() / 1e9, 2)}
+        print(f"{name:12s} {results[name]}", flush=True)
+        del run
+    ind, mk = results["independent"], results["mokd"]
+    summary = {"benchmark": {k: cfg[k] for k in ("arch_a", "arch_b", "patch_size", "global_crop_size", "local_crop_size",
+                                                  "local_crops_number", "batch_size_per_gpu", "out_dim", "precision", "compile")},
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+               **results, "time_ratio": round(mk["ms_per_step"] / ind["ms_per_step"], 3),
+               "flop_ratio": round(mk["gflop_per_step"] / ind["gflop_per_step"], 3)}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def export_backbone(path, model, out):
+    """Write one teacher backbone: torchvision ResNet keys (no fc) or DINO/timm ViT keys, plus metadata."""
+    ckpt = load_checkpoint(path)
+    cfg, arch = ckpt["config"], ckpt["config"][f"arch_{model}"]
+    prefix = "backbone.net." if arch in RESNETS else "backbone."
+    state = {k[len(prefix):]: v for k, v in ckpt["models"][model]["teacher"].items() if k.startswith(prefix)}
+    meta = {"arch": arch, "patch_size": cfg["patch_size"], "stem": cfg["stem"], "image_size": cfg["global_crop_size"],
+            "source": os.path.basename(path)}
+    atomic_save({"state_dict": state, "meta": meta}, out)
+    print(f"exported the teacher backbone of model {model.upper()} ({arch}) to {out}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        if args.export:
+            if not args.out:
+                raise MOKDError("--export needs --out FILE")
+            return export_backbone(args.export, args.model, args.out)
+        cfg = resolve_config(args)
+        if cfg["data_path"]:
+            check_image_folder(cfg["data_path"])
+        validate_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        rank, world, device = setup_distributed(cfg)
+        try:
+            if cfg["benchmark"]:
+                return benchmark(cfg, device) if rank == 0 else None
+            train(cfg, rank, world, device)
+        finally:
+            if is_dist():
+                dist.destroy_process_group()
+    except MOKDError as e:
+        print(f"error{f' [rank {rank}]' if 'RANK' in os.environ else ''}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
