@@ -66,10 +66,13 @@ class MOKDError(Exception):
 # ======================================================================================
 RECIPE = dict(arch_a="resnet18", arch_b="vit_small", patch_size=16, out_dim=65536, epochs=100,
               batch_size_per_gpu=32, global_crop_size=224, local_crop_size=96, local_crops_number=8,
-              global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), thead_dim=384, log_every=50)
-DEMO = dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, out_dim=1024, epochs=6,
-            batch_size_per_gpu=32, global_crop_size=32, local_crop_size=16, local_crops_number=4,
-            global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), thead_dim=192, log_every=10)
+              global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), thead_dim=384, log_every=50,
+              warmup_epochs=10, momentum_teacher=0.996)
+# The demo: small enough for ~3 minutes on 2 CPU cores (16 px synthetic shapes, short warm-ups).
+DEMO = dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, out_dim=1024, epochs=5,
+            batch_size_per_gpu=32, global_crop_size=16, local_crop_size=8, local_crops_number=4,
+            global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), thead_dim=192, log_every=8,
+            warmup_epochs=1, momentum_teacher=0.99)
 FAMILY = {  # authors' per-family recipe (spec: Optimisation)
     "resnet": dict(optimizer="sgd", lr=0.1, min_lr=0.0048, weight_decay=1e-4, weight_decay_end=1e-4,
                    warmup_teacher_temp_epochs=50, lam=1.0, clip_grad=3.0, norm_last_layer=True),
@@ -126,9 +129,9 @@ def build_parser():
     a("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
     a("--teacher-temp", type=float, default=0.07, help="final teacher temperature")
     a("--cross-warmup-teacher-temp-epochs", type=int, default=30, help="warm-up of the cross terms' temperature")
-    a("--momentum-teacher", type=float, default=0.996, help="initial EMA momentum, cosine to 1")
+    a("--momentum-teacher", type=float, default=None, help=f"initial EMA momentum, cosine to 1 {g}")
     a("--epochs", type=int, default=None, help=f"training epochs {g}")
-    a("--warmup-epochs", type=int, default=10, help="linear lr warm-up epochs (clamped to --epochs)")
+    a("--warmup-epochs", type=int, default=None, help=f"linear lr warm-up epochs, clamped to --epochs {g}")
     a("--freeze-last-layer", type=int, default=1, help="epochs during which the heads' last layers stay fixed")
     a("--batch-size-per-gpu", type=int, default=None, help=f"images per process {g}")
     a("--global-crop-size", type=int, default=None, help=g)
@@ -137,6 +140,7 @@ def build_parser():
     a("--global-crops-scale", type=float, nargs=2, default=None, help=g)
     a("--local-crops-scale", type=float, nargs=2, default=None, help=g)
     a("--data-path", default=None, help="ImageFolder tree; without it, a built-in synthetic dataset")
+    a("--synthetic-size", type=int, default=1024, help="images in the synthetic dataset (no --data-path)")
     a("--bad-images", default="skip", choices=["skip", "error"],
       help="unreadable image: skip it (warn, substitute the next image, count per epoch) or stop the run")
     a("--num-workers", type=int, default=None, help="DataLoader workers per process (default: min(8, cpus))")
@@ -295,6 +299,14 @@ class MultiCropAugmentation:
         return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
 
 
+def seeded(aug, img, seed, epoch, index):
+    """Augment with torch's RNG seeded by (seed, epoch, index), leaving the caller's RNG untouched: the crops
+    of an image never depend on which worker loads it, so data order and augmentation resume exactly."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((seed, epoch, index)) & 0x7FFFFFFF)
+        return aug(img)
+
+
 def to_rgb(img):
     """Any PIL mode -> 8-bit RGB (16-bit and float images are rescaled, alpha is dropped)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -307,12 +319,11 @@ def to_rgb(img):
 
 
 class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
-    """ImageFolder whose samples are (crops, n_bad). Augmentation is seeded by (seed, epoch, index), so the
-    crops of an image do not depend on the worker that loads it: data order and augmentation resume exactly."""
+    """ImageFolder whose samples are (crops, n_bad); unreadable files are skipped or stop the run (--bad-images)."""
 
     def __init__(self, root, transform, seed, bad_images):
         super().__init__(root, loader=Image.open)
-        self.aug, self.seed, self.bad_images, self.epoch = transform, seed, bad_images, 0
+        self.aug, self.seed, self.bad_images = transform, seed, bad_images
 
     def load(self, index):
         path = self.samples[index][0]
@@ -323,7 +334,8 @@ class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
         except Exception as e:  # PIL raises many types for broken files
             raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        epoch, index = key  # from EpochSampler
         n_bad = 0
         for attempt in range(len(self.samples)):
             try:
@@ -336,9 +348,7 @@ class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
                 n_bad += 1
         else:
             raise MOKDError(f"no image under {self.root} could be read")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
-            return self.aug(img), n_bad
+        return seeded(self.aug, img, self.seed, epoch, index), n_bad
 
 
 def draw_synthetic(index, seed, size):
@@ -378,16 +388,14 @@ class SyntheticMultiCrop(torch.utils.data.Dataset):
     classes = ["disc", "ring", "square", "triangle", "cross", "stripes"]
 
     def __init__(self, n, size, seed, transform):
-        self.n, self.size, self.seed, self.aug, self.epoch = n, size, seed, transform, 0
+        self.n, self.size, self.seed, self.aug = n, size, seed, transform
 
     def __len__(self):
         return self.n
 
-    def __getitem__(self, index):
-        img, label = draw_synthetic(index, self.seed, self.size)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
-            return self.aug(img), 0
+    def __getitem__(self, key):
+        epoch, index = key  # from EpochSampler
+        return seeded(self.aug, draw_synthetic(index, self.seed, self.size)[0], self.seed, epoch, index), 0
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -404,7 +412,7 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g)[: self.steps * self.b * self.world]
         mine = perm[self.rank:: self.world]  # (steps * b,)
-        return iter(mine[self.start * self.b:].tolist())
+        return iter((self.epoch, i) for i in mine[self.start * self.b:].tolist())
 
     def __len__(self):
         return (self.steps - self.start) * self.b
@@ -697,11 +705,16 @@ def search(teacher, g1, query, n_local):
 # ======================================================================================
 # 5. Losses (computed in float32 whatever the autocast dtype).
 # ======================================================================================
+def f32(x):
+    """Losses run in float32 whatever the autocast dtype (float64 stays float64, for tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def dino_loss(student, teacher, center, tau_t, n_global=2):
     """DINO loss (L_sm, L_st, L_cm): student (V*B, K), teacher (2*B, K), centre (1, K).
     Mean over (teacher global view i, student view v != i) of mean_b[-sum_k p_t log p_s]."""
-    s = F.log_softmax(student.float() / STUDENT_TEMP, dim=-1).chunk(len(student) // (len(teacher) // n_global))
-    p = F.softmax((teacher.float() - center) / tau_t, dim=-1).chunk(n_global)
+    s = F.log_softmax(f32(student) / STUDENT_TEMP, dim=-1).chunk(len(student) // (len(teacher) // n_global))
+    p = F.softmax((f32(teacher) - center) / tau_t, dim=-1).chunk(n_global)
     total, n = 0.0, 0
     for i, p_i in enumerate(p):
         for v, s_v in enumerate(s):
@@ -713,7 +726,7 @@ def dino_loss(student, teacher, center, tau_t, n_global=2):
 
 def cross_entropy(student, teacher, tau_t):
     """L_ct: mean_b[-sum_k softmax(t / tau_t) log softmax(s / tau_s)], no centre. Both (n*B, K)."""
-    return (-(F.softmax(teacher.float() / tau_t, -1) * F.log_softmax(student.float() / STUDENT_TEMP, -1)).sum(-1)).mean()
+    return (-(F.softmax(f32(teacher) / tau_t, -1) * F.log_softmax(f32(student) / STUDENT_TEMP, -1)).sum(-1)).mean()
 
 
 def entropy(teacher, center, tau_t):
@@ -1078,7 +1091,7 @@ def make_loader(cfg, rank, world, device):
     if cfg["data_path"]:
         ds = ImageFolderMultiCrop(cfg["data_path"], aug, cfg["seed"], cfg["bad_images"])
     else:
-        ds = SyntheticMultiCrop(cfg.get("synthetic_size", 1536), max(32, cfg["global_crop_size"]), cfg["seed"], aug)
+        ds = SyntheticMultiCrop(cfg["synthetic_size"], max(32, cfg["global_crop_size"]), cfg["seed"], aug)
     sampler = EpochSampler(len(ds), cfg["batch_size_per_gpu"], rank, world, cfg["seed"])
     if sampler.steps == 0:
         raise MOKDError(f"the dataset ({len(ds)} images) is smaller than one global batch "
@@ -1178,7 +1191,7 @@ def train(cfg, rank, world, device):
 
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
-            ds.epoch, sampler.epoch, sampler.start = epoch, epoch, (start_it if epoch == start_epoch else 0)
+            sampler.epoch, sampler.start = epoch, (start_it if epoch == start_epoch else 0)
             n_bad, stopping = 0, False
             try:
                 for it, (crops, bad) in enumerate(loader, start=sampler.start):

@@ -1,0 +1,324 @@
+"""Tests for mokd.py and eval_linear.py: CPU only, tiny models, images made here. Run: python -m pytest -q"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import mokd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32", "--thead-dim", "48",
+        "--thead-heads", "4", "--thead-depth", "1", "--global-crop-size", "16", "--local-crop-size", "8",
+        "--local-crops-number", "2", "--batch-size-per-gpu", "4", "--device", "cpu", "--drop-path", "0",
+        "--num-workers", "0", "--synthetic-size", "32", "--epochs", "2", "--warmup-epochs", "1"]
+FEW = settings(deadline=None, max_examples=15)
+
+
+def make_cfg(arch_a="vit_tiny", arch_b="resnet18", *extra, **over):
+    cfg = mokd.resolve_config(mokd.build_parser().parse_args(["--arch-a", arch_a, "--arch-b", arch_b, *TINY, *extra]))
+    cfg.update(over)
+    return cfg
+
+
+def make_crops(B=4, n=2, G=16, L=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, 3, G, G, generator=g) for _ in range(2)] + [torch.randn(B, 3, L, L, generator=g) for _ in range(n)]
+
+
+def make_run(cfg, seed=0):
+    torch.manual_seed(seed)
+    run = mokd.Run(cfg, torch.device("cpu"), 1)
+    return run, mokd.build_schedules(cfg, 10, 1)
+
+
+def run_cli(args, nproc=1, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd + [os.path.join(HERE, "mokd.py"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# ----------------------------------------------------------------------------- the losses
+def ref_dino(student, teacher, center, tau_t, n_global=2, tau_s=0.1):
+    """The DINO loss written out plainly in float64 numpy."""
+    s, t, c = (np.asarray(a, dtype=np.float64) for a in (student, teacher, center))
+    B = len(t) // n_global
+    total, n = 0.0, 0
+    for i in range(n_global):
+        z = (t[i * B:(i + 1) * B] - c) / tau_t
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        for v in range(len(s) // B):
+            if v == i:
+                continue
+            x = s[v * B:(v + 1) * B] / tau_s
+            logq = x - x.max(1, keepdims=True) - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True))
+            total += np.mean(-(p * logq).sum(1))
+            n += 1
+    return total / n
+
+
+shapes = st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(2, 17))  # B, n_local, K
+
+
+@FEW
+@given(shapes, st.floats(0.02, 0.1), st.integers(0, 2**31 - 1))
+def test_dino_loss_matches_plain_reference_in_float64(shape, tau, seed):
+    B, n, K = shape
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn((2 + n) * B, K, generator=g, dtype=torch.float64), torch.randn(2 * B, K, generator=g, dtype=torch.float64)
+    c = torch.randn(1, K, generator=g, dtype=torch.float64) * 0.1
+    assert mokd.dino_loss(s, t, c, tau).item() == pytest.approx(ref_dino(s, t, c, tau), rel=1e-10, abs=1e-12)
+
+
+@FEW
+@given(shapes, st.integers(0, 2**31 - 1))
+def test_loss_invariances_and_non_negativity(shape, seed):
+    B, n, K = shape
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn((2 + n) * B, K, generator=g, dtype=torch.float64), torch.randn(2 * B, K, generator=g, dtype=torch.float64)
+    c = torch.zeros(1, K, dtype=torch.float64)
+    base = mokd.dino_loss(s, t, c, 0.04).item()
+    assert base >= 0
+    views = list(s.chunk(2 + n))
+    swapped_s = torch.cat([views[1], views[0]] + views[2:])  # swap g1 and g2 in student and teacher
+    swapped_t = torch.cat(list(t.chunk(2))[::-1])
+    assert mokd.dino_loss(swapped_s, swapped_t, c, 0.04).item() == pytest.approx(base, rel=1e-12)
+    perm_locals = torch.cat(views[:2] + views[2:][::-1])
+    assert mokd.dino_loss(perm_locals, t, c, 0.04).item() == pytest.approx(base, rel=1e-12)
+    p = torch.randperm(B, generator=g)  # the same image permutation in every crop
+    s_p = torch.cat([v[p] for v in views])
+    t_p = torch.cat([v[p] for v in t.chunk(2)])
+    assert mokd.dino_loss(s_p, t_p, c, 0.04).item() == pytest.approx(base, rel=1e-12)
+    shift = torch.randn(len(s), 1, generator=g, dtype=torch.float64)  # a constant per student row
+    assert mokd.dino_loss(s + shift, t, c, 0.04).item() == pytest.approx(base, rel=1e-9)
+    ce = mokd.cross_entropy(s[: 2 * B], t, 0.04)
+    assert ce.item() >= 0
+
+
+def test_losses_run_in_float32_under_low_precision():
+    s, t = torch.randn(8, 16).bfloat16(), torch.randn(4, 16).bfloat16()
+    out = mokd.dino_loss(s, t, torch.zeros(1, 16), 0.04)
+    assert out.dtype == torch.float32
+    assert mokd.cross_entropy(s[:4], t, 0.04).dtype == torch.float32
+
+
+def test_centre_update_is_ema_of_batch_mean():
+    c = mokd.Centres(5)
+    t = torch.randn(6, 5)
+    c.update({"sm_a": t})
+    torch.testing.assert_close(c.sm_a, 0.1 * t.mean(0, keepdim=True))
+    assert c.sm_b.abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- schedules and EMA
+@FEW
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 9))
+def test_schedules_lengths_end_points_and_clamped_warmup(epochs, niter, warmup):
+    lr = mokd.cosine_schedule(1.0, 0.01, epochs, niter, warmup)
+    assert len(lr) == epochs * niter and np.all(np.isfinite(lr))
+    assert lr.max() <= 1.0 + 1e-12
+    if warmup == 0:
+        assert lr[0] == pytest.approx(1.0)
+    tau = mokd.teacher_temp_schedule(0.04, 0.07, warmup, epochs)  # warm-up longer than the run: clamped
+    assert len(tau) == epochs and np.all(np.diff(tau) >= 0) and 0.04 - 1e-12 <= tau.min() <= tau.max() <= 0.07 + 1e-12
+    assert tau[0] == pytest.approx(0.04 if warmup >= 1 else 0.07)
+    assert tau[-1] == pytest.approx(0.04 if epochs == 1 and warmup >= 1 else 0.07)
+
+
+def test_ema_with_momentum_zero_and_one():
+    s, t = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.clone() for p in t.parameters()]
+    mokd.ema_update(s, t, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, t.parameters()))
+    mokd.ema_update(s, t, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(s.parameters(), t.parameters()))
+
+
+# ----------------------------------------------------------------------------- modules
+@pytest.mark.parametrize("arch", mokd.ARCHS)
+@pytest.mark.parametrize("sizes", [(224, 96, 16), (32, 16, 4)])
+def test_backbone_contracts(arch, sizes):
+    G, L, patch = sizes
+    cfg = make_cfg(arch, arch, "--global-crop-size", str(G), "--local-crop-size", str(L), "--patch-size", str(patch))
+    bb = mokd.build_backbone(arch, cfg).eval()
+    stride = mokd.feature_stride(arch, cfg)
+    C = bb.embed_dim
+    with torch.no_grad():
+        for size in (G, L):
+            pooled, tokens, grid = bb(torch.randn(2, 3, size, size))
+            assert pooled.shape == (2, C) and grid == (size // stride, size // stride)
+            assert tokens.shape == (2, (size // stride) ** 2, C)
+
+
+@pytest.mark.parametrize("pair", [("vit_tiny", "resnet18"), ("resnet18", "resnet34"), ("vit_tiny", "vit_small")])
+def test_model_forward_shapes_and_projection_rule(pair):
+    for arch in pair:
+        cfg = make_cfg(*pair, "--thead-dim", "192", "--thead-heads", "4")
+        model = mokd.MOKDModel(arch, cfg, True)
+        assert isinstance(model.thead.proj, torch.nn.Identity) == (model.backbone.embed_dim == 192)
+        out = model(torch.cat(make_crops()[:2]), torch.cat(make_crops()[2:]))
+        assert out["m"].shape == out["t"].shape == (16, 64)
+        assert out["query"].shape == (8, 192) and not out["query"].requires_grad
+        assert out["g1"].shape[0] == 4 and out["g1"].shape[2] == 192
+
+
+def test_sdpa_matches_explicit_attention():
+    torch.manual_seed(0)
+    blk = mokd.Attention(48, 4)
+    x = torch.randn(3, 7, 48)
+    fused = blk(x)
+    blk.fused = False
+    torch.testing.assert_close(fused, blk(x), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the search
+def test_search_pairs_local_crop_j_of_image_b_with_g1_of_image_b():
+    cfg = make_cfg()
+    torch.manual_seed(0)
+    teacher = mokd.MOKDModel("vit_tiny", cfg, True).eval()
+    B, n, L, d = 3, 2, 4, 48
+    g1 = torch.randn(B, L, d)
+    q = torch.randn(n * B, d)
+    with torch.no_grad():
+        out = mokd.search(teacher, g1, q, n)
+        for j in range(n):
+            for b in range(B):
+                row = teacher.thead.run(g1[b:b + 1], q[j * B + b:j * B + b + 1])
+                torch.testing.assert_close(out[j * B + b], row[0], rtol=1e-4, atol=1e-5)
+        wrong = teacher.thead.run(g1.repeat_interleave(n, 0), q)  # image-major tiling: a wrong pairing
+    assert not torch.allclose(out, wrong, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- gradient flow
+def test_gradient_flow():
+    cfg = make_cfg()
+    run, S = make_run(cfg)
+    crops = make_crops()
+    totals, terms, _, _ = run.losses(crops, 1, S)
+    for m in "ab":
+        assert all(torch.isfinite(v) and v > 0 for v in terms[m].values())
+    totals["a"].backward(retain_graph=True)
+    assert all(p.grad is None for p in run.students["b"].parameters()), "L_A reached student B"
+    totals["b"].backward()
+    for m in "ab":
+        for name, p in run.students[m].named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, (m, name)
+        assert all(not p.requires_grad and p.grad is None for p in run.teachers[m].parameters())
+
+
+def test_no_gradient_through_the_search_query():
+    cfg = make_cfg()
+    run, S = make_run(cfg)
+    crops = make_crops()
+    glob, loc = torch.cat(crops[:2]), torch.cat(crops[2:])
+    s = run.students["a"](glob, loc)
+    assert not s["query"].requires_grad
+    with torch.no_grad():
+        t = run.teachers["b"](glob)
+    out = mokd.search(run.teachers["b"], t["g1"], s["query"], 2)
+    assert not out.requires_grad
+    # L_ct of A only depends on student A through its T-head logits on local crops
+    loss = mokd.cross_entropy(s["t"][8:], out, 0.04)
+    loss.backward()
+    assert run.students["a"].head.mlp[0].weight.grad is None
+
+
+def test_last_layers_frozen_in_epoch_0_and_trained_after():
+    cfg = make_cfg(**{"lr_a": 0.01, "lr_b": 0.1})
+    run, S = make_run(cfg)
+    last = {m: {k: p.clone() for k, p in run.students[m].named_parameters() if "last_layer" in k} for m in "ab"}
+    other = run.students["a"].head.mlp[0].weight.clone()
+    run.step(make_crops(), 0, 3, S)  # epoch 0, after lr warm-up began
+    for m in "ab":
+        for k, p in run.students[m].named_parameters():
+            if k in last[m]:
+                assert torch.equal(p, last[m][k]), (m, k)
+    assert not torch.equal(other, run.students["a"].head.mlp[0].weight)
+    run.step(make_crops(), 1, 12, S)
+    assert not torch.equal(last["a"]["head.last_layer.parametrizations.weight.original1"],
+                           run.students["a"].head.last_layer.parametrizations.weight.original1)
+    # norm_last_layer: weight_g frozen for the CNN (model B), trained for the ViT (model A) by default
+    assert not run.students["b"].head.last_layer.parametrizations.weight.original0.requires_grad
+    assert run.students["a"].head.last_layer.parametrizations.weight.original0.requires_grad
+
+
+# ----------------------------------------------------------------------------- the whole objective
+def test_ab_symmetry_of_the_objective():
+    cfg = make_cfg("vit_tiny", "vit_tiny", lam_a=0.5, lam_b=0.5)
+    run1, S = make_run(cfg, seed=1)
+    run2, _ = make_run(cfg, seed=2)
+    for role, mods in (("students", None), ("teachers", None)):  # run2 = run1 with A and B swapped
+        d1, d2 = getattr(run1, role), getattr(run2, role)
+        d2["a"].load_state_dict(d1["b"].state_dict())
+        d2["b"].load_state_dict(d1["a"].state_dict())
+    crops = make_crops()
+    _, terms1, _, _ = run1.losses(crops, 1, S)
+    _, terms2, _, _ = run2.losses(crops, 1, S)
+    for k in mokd.LOSS_NAMES:
+        torch.testing.assert_close(terms1["a"][k], terms2["b"][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(terms1["b"][k], terms2["a"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_lambda_zero_is_independent_training():
+    """With lambda 0 for both, model A trains exactly the same whatever its partner."""
+    states = []
+    for partner in ("resnet18", "vit_tiny"):
+        cfg = make_cfg("vit_tiny", partner, lam_a=0.0, lam_b=0.0)
+        run, S = make_run(cfg, seed=3)
+        for i in range(3):
+            values = run.step(make_crops(seed=i), 1, 10 + i, S)
+            assert values[2] == 0 and values[3] == 0  # L_cm and L_ct of A are not computed
+        states.append({**run.students["a"].state_dict(), **{"t." + k: v for k, v in run.teachers["a"].state_dict().items()},
+                       "c": run.centres.sm_a.clone()})
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+    cfg = make_cfg(lr_a=5e-4, lr_b=0.05)
+    run, S = make_run(cfg)
+    crops = make_crops()
+    first = None
+    for i in range(12):
+        values = run.step(crops, 1, 10, S)
+        total = sum(values[:8].tolist())
+        first = total if first is None else first
+    assert total < first
+
+
+def test_benchmark_mode_prints_json(capsys):
+    cfg = make_cfg(benchmark_steps=1)
+    summary = mokd.benchmark(cfg, torch.device("cpu"))
+    assert summary["mokd"]["gflop_per_step"] > summary["independent"]["gflop_per_step"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["flop_ratio"] == summary["flop_ratio"]
+
+
+# ----------------------------------------------------------------------------- integration
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    common = ["--arch-a", "vit_tiny", "--arch-b", "vit_tiny", *TINY, "--max-steps", "1", "--log-every", "1"]
+    r2 = run_cli(common + ["--output-dir", str(tmp_path / "two")], nproc=2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = run_cli(common + ["--batch-size-per-gpu", "8", "--output-dir", str(tmp_path / "one")])
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert os.path.exists(tmp_path / "two" / "checkpoint.pth")
+    rec = [json.loads(open(tmp_path / d / "log.jsonl").readline()) for d in ("one", "two")]
+    for k in [f"{m}.{t}" for m in "ab" for t in mokd.LOSS_NAMES]:
+        assert rec[0][k] == pytest.approx(rec[1][k], rel=1e-4), k
+
+
+def test_demo_cli_mixed_pair_runs_and_reports_knn(tmp_path):
+    r = run_cli(["--arch-a", "resnet18", "--arch-b", "vit_tiny", *TINY, "--epochs", "1", "--output-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "synthetic" in r.stdout
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(res) == {"knn_top1_before", "knn_top1_after"}
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert {"a.entropy", "lr_a", "momentum", "tau_cross", "images_per_s", "peak_mem_mb"} <= set(log[0])
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and len([k for k in ckpt["centres"]]) == 6
