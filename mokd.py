@@ -69,7 +69,7 @@ RECIPE = dict(arch_a="resnet18", arch_b="vit_small", patch_size=16, out_dim=6553
               global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), thead_dim=384, log_every=50,
               warmup_epochs=10, momentum_teacher=0.996)
 # The demo: small enough for ~3 minutes on 2 CPU cores (16 px synthetic shapes, short warm-ups).
-DEMO = dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, out_dim=1024, epochs=5,
+DEMO = dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, out_dim=1024, epochs=4,
             batch_size_per_gpu=32, global_crop_size=16, local_crop_size=8, local_crops_number=4,
             global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), thead_dim=192, log_every=8,
             warmup_epochs=1, momentum_teacher=0.99)
@@ -140,7 +140,7 @@ def build_parser():
     a("--global-crops-scale", type=float, nargs=2, default=None, help=g)
     a("--local-crops-scale", type=float, nargs=2, default=None, help=g)
     a("--data-path", default=None, help="ImageFolder tree; without it, a built-in synthetic dataset")
-    a("--synthetic-size", type=int, default=1024, help="images in the synthetic dataset (no --data-path)")
+    a("--synthetic-size", type=int, default=768, help="images in the synthetic dataset (no --data-path)")
     a("--bad-images", default="skip", choices=["skip", "error"],
       help="unreadable image: skip it (warn, substitute the next image, count per epoch) or stop the run")
     a("--num-workers", type=int, default=None, help="DataLoader workers per process (default: min(8, cpus))")

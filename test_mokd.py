@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torchvision
 from hypothesis import given, settings, strategies as st
 
 import mokd
@@ -322,3 +323,144 @@ def test_demo_cli_mixed_pair_runs_and_reports_knn(tmp_path):
     assert {"a.entropy", "lr_a", "momentum", "tau_cross", "images_per_s", "peak_mem_mb"} <= set(log[0])
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and len([k for k in ckpt["centres"]]) == 6
+
+
+# ============================================================================= eval_linear.py and export
+import eval_linear  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def make_folder(root, n_per_class, size=16, seed=0):
+    """Tiny ImageFolder of synthetic shapes (3 classes) written as PNG."""
+    for c in range(3):
+        os.makedirs(root / f"class{c}", exist_ok=True)
+        for i in range(n_per_class):
+            img, _ = mokd.draw_synthetic(c + 6 * i, seed, size)
+            img.save(root / f"class{c}" / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny real mokd.py run (resnet18 + vit_tiny, 16/8 px) and small train / val folders."""
+    root = tmp_path_factory.mktemp("run")
+    mokd.main(["--arch-a", "resnet18", "--arch-b", "vit_tiny", "--patch-size", "4", *TINY, "--epochs", "1",
+               "--output-dir", str(root / "out")])
+    return {"ckpt": str(root / "out" / "checkpoint.pth"), "train": make_folder(root / "train", 5),
+            "val": make_folder(root / "val", 3, seed=1), "root": root}
+
+
+def brute_knn_top1(train_f, train_y, test_f, test_y, k, T, C):
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    correct = 0
+    for f, y in zip(test_f, test_y):
+        sims = [(float(f @ t), int(l)) for t, l in zip(train_f, train_y)]
+        sims.sort(key=lambda p: -p[0])
+        votes = [0.0] * C
+        for s, l in sims[:k]:
+            votes[l] += np.exp(s / T)
+        correct += int(np.argmax(votes) == int(y))
+    return 100.0 * correct / len(test_f)
+
+
+import torch.nn.functional as F  # noqa: E402
+
+
+def test_knn_on_hand_made_features():
+    train = torch.tensor([[1.0, 0], [0, 1], [0, 1], [-1, 0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    test = torch.tensor([[1.0, 0], [0, 1], [-1, 0]])
+    truth = torch.tensor([0, 1, 0])
+    # k=3, T=0.07. Point 1: neighbours (1,0) s=1 [class 0], two (0,1) s=0 [class 1]: exp(1/0.07) > 2 -> class 0
+    # (a plain majority vote would say class 1). Point 2: two s=1 of class 1 -> 1. Point 3: (-1,0) s=1 -> class 2,
+    # wrong. Top-1 = 2/3; top-5 covers all three classes = 100%.
+    res = mokd.knn_classify(train, labels, test, truth, ks=(3,), T=0.07, num_classes=3)
+    assert res[3][0] == pytest.approx(200 / 3) and res[3][1] == 100.0
+
+
+@pytest.mark.parametrize("n_test", [1, 7, 101])
+def test_knn_any_number_of_test_images(n_test):
+    g = torch.Generator().manual_seed(n_test)
+    train_f, train_y = torch.randn(50, 8, generator=g), torch.randint(0, 4, (50,), generator=g)
+    test_f, test_y = torch.randn(n_test, 8, generator=g), torch.randint(0, 4, (n_test,), generator=g)
+    for k in (1, 20, 200):  # k larger than the training set is capped
+        res = mokd.knn_classify(train_f, train_y, test_f, test_y, ks=(k,), num_classes=4, chunk=3)
+        assert res[k][0] == pytest.approx(brute_knn_top1(train_f, train_y, test_f, test_y, min(k, 50), 0.07, 4))
+
+
+def test_linear_probe_reaches_100_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    f = F.one_hot(y, 8).float() * 3 + 0.1 * torch.randn(60, 8, generator=g)
+    args = eval_linear.build_parser().parse_args(["--train-path", "x", "--val-path", "x", "--epochs", "30",
+                                                  "--batch-size-per-gpu", "16"])
+    _, best, last = eval_linear.train_linear_cached(f, y, f, y, 3, args, lr=0.5)
+    assert best[0] == 100.0 and last[0] == 100.0
+
+
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_strict_loading_names_the_key(trained, tmp_path, change):
+    ckpt = torch.load(trained["ckpt"], weights_only=True)
+    state = ckpt["models"]["b"]["teacher"]
+    if change == "extra":
+        state["backbone.extra_weight"] = torch.zeros(1)
+    else:
+        del state["backbone.norm.weight"]
+    path = tmp_path / "bad.pth"
+    torch.save(ckpt, path)
+    args = eval_linear.build_parser().parse_args(["--checkpoint", str(path), "--model", "b", "--train-path", "x", "--val-path", "x"])
+    with pytest.raises(mokd.MOKDError, match="extra_weight" if change == "extra" else "norm.weight"):
+        eval_linear.load_backbone(args)
+
+
+def test_export_round_trips_into_torchvision_and_vit(trained, tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    ckpt = torch.load(trained["ckpt"], weights_only=True)
+    for model in "ab":
+        out = tmp_path / f"{model}.pth"
+        mokd.main(["--export", trained["ckpt"], "--model", model, "--out", str(out)])
+        exported = torch.load(out, weights_only=True)
+        meta, sd = exported["meta"], exported["state_dict"]
+        ours = mokd.build_backbone(meta["arch"], {**ckpt["config"]}).eval()
+        ours.load_state_dict({k[len("backbone."):]: v for k, v in ckpt["models"][model]["teacher"].items()
+                              if k.startswith("backbone.")})
+        if meta["arch"] == "resnet18":
+            assert meta["stem"] == "cifar"
+            net = torchvision.models.resnet18()
+            net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the CIFAR stem, as the README shows
+            net.maxpool, net.fc = torch.nn.Identity(), torch.nn.Identity()
+            net.load_state_dict(sd, strict=True)
+            torch.testing.assert_close(net.eval()(x), ours(x)[0], rtol=0, atol=0)
+        else:
+            assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+                    "blocks.11.mlp.fc2.bias", "norm.weight"} <= set(sd)
+            vit = mokd.VisionTransformer(192, 3, meta["patch_size"], meta["image_size"]).eval()
+            vit.load_state_dict(sd, strict=True)
+            torch.testing.assert_close(vit(x)[0], ours(x)[0], rtol=0, atol=0)
+
+
+def test_eval_end_to_end_knn_cached_and_full_probe(trained, capsys):
+    common = ["--checkpoint", trained["ckpt"], "--train-path", trained["train"], "--val-path", trained["val"],
+              "--num-workers", "0", "--device", "cpu", "--batch-size-per-gpu", "4"]
+    for extra in (["--model", "a", "--knn"], ["--model", "b", "--cached-features", "--epochs", "3"],
+                  ["--model", "a", "--epochs", "1", "--output-dir", str(trained["root"] / "eval")]):
+        eval_linear.main(common + extra)
+        last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert last["train_size"] == 15 and last["val_size"] == 9 and last["backbone_unchanged"]
+        if "--knn" in extra:
+            assert set(last["knn"]) == {"10", "20", "100", "200"} and all(0 <= v["top1"] <= 100 for v in last["knn"].values())
+        else:
+            assert 0 <= last["linear"]["best_top1"] <= 100
+    assert os.path.exists(trained["root"] / "eval" / "eval_linear_a_linear.pth")
+
+
+def test_eval_knn_two_processes_equal_one(trained, tmp_path):
+    args = ["--checkpoint", trained["ckpt"], "--model", "b", "--knn", "--train-path", trained["train"], "--val-path",
+            trained["val"], "--num-workers", "0", "--device", "cpu", "--batch-size-per-gpu", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = []
+    for pre in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
+        r = subprocess.run(pre + [os.path.join(HERE, "eval_linear.py"), *args], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(json.loads(r.stdout.strip().splitlines()[-1])["knn"])
+    assert outs[0] == outs[1]

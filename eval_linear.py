@@ -1,0 +1,320 @@
+"""Linear-probe and k-NN evaluation of either model of a MOKD run (DINO's protocols).
+
+    python eval_linear.py --checkpoint out/checkpoint.pth --model a --knn --train-path T --val-path V
+    python eval_linear.py --checkpoint out/checkpoint.pth --model b --train-path T --val-path V   # linear probe
+    python eval_linear.py --checkpoint out/checkpoint.pth --model b --cached-features ...        # fast probe
+    torchrun --nproc_per_node=8 eval_linear.py --checkpoint ... --model a --train-path T --val-path V
+    python eval_linear.py --backbone resnet18_a.pth --knn ...   # a backbone written by `mokd.py --export`
+
+Architecture, patch size, stem and crop size come from the checkpoint. Loading is strict. The last line of
+output is one JSON object with every accuracy.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision import transforms as T
+
+import mokd
+from mokd import MOKDError
+
+
+def build_parser():
+    p = argparse.ArgumentParser("eval_linear", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", default=None, help="a mokd.py checkpoint.pth")
+    a("--backbone", default=None, help="instead of --checkpoint: a file written by `mokd.py --export`")
+    a("--model", default="a", choices=["a", "b"], help="which model of the checkpoint")
+    a("--which", default="teacher", choices=["teacher", "student"], help="teacher (default, as DINO) or student")
+    a("--train-path", required=True, help="ImageFolder tree of training images")
+    a("--val-path", required=True, help="ImageFolder tree of validation images")
+    a("--knn", action="store_true", help="k-NN evaluation instead of the linear probe")
+    a("--nb-knn", type=int, nargs="+", default=[10, 20, 100, 200], help="k values")
+    a("--temperature", type=float, default=0.07, help="k-NN vote weights exp(similarity / T)")
+    a("--cached-features", action="store_true", help="linear probe on features extracted once, without augmentation")
+    a("--n-last-blocks", type=int, default=None, help="ViT: concatenate the CLS tokens of the last n blocks "
+      "(default 4 for vit_tiny/vit_small, 1 for vit_base)")
+    a("--avgpool-patchtokens", type=mokd.str2bool, default=None, help="ViT: append the mean patch token "
+      "(default true for vit_base only)")
+    a("--epochs", type=int, default=100, help="linear-probe epochs")
+    a("--lr", type=float, default=None, help="base lr, scaled by global batch / 256 (default 0.01 CNN, 0.001 ViT)")
+    a("--batch-size-per-gpu", type=int, default=128)
+    a("--num-workers", type=int, default=None, help="default: min(8, cpus)")
+    a("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    a("--output-dir", default=None, help="keep the result JSON and the linear layer's weights here")
+    a("--seed", type=int, default=0)
+    return p
+
+
+# ----------------------------------------------------------------------------- loading
+def load_backbone(args):
+    """-> (backbone in eval mode, a cfg dict with arch / patch_size / stem / global_crop_size, source name)."""
+    if bool(args.checkpoint) == bool(args.backbone):
+        raise MOKDError("give exactly one of --checkpoint and --backbone")
+    if args.checkpoint:
+        ckpt = mokd.load_checkpoint(args.checkpoint)
+        cfg = ckpt["config"]
+        arch = cfg[f"arch_{args.model}"]
+        state = {k[len("backbone."):]: v for k, v in ckpt["models"][args.model][args.which].items()
+                 if k.startswith("backbone.")}
+        bb = mokd.build_backbone(arch, cfg)
+        mokd.load_strict(bb, state, f"{args.checkpoint} (model {args.model}, {args.which})")
+        return bb.eval(), {**cfg, "arch": arch}, args.checkpoint
+    try:
+        obj = torch.load(args.backbone, map_location="cpu", weights_only=True)
+        meta, state = obj["meta"], obj["state_dict"]
+    except Exception as e:
+        raise MOKDError(f"--backbone {args.backbone!r} is not a backbone written by `mokd.py --export` "
+                        f"({type(e).__name__}: {e})") from None
+    cfg = {"arch": meta["arch"], "patch_size": meta["patch_size"], "stem": meta["stem"],
+           "global_crop_size": meta["image_size"]}
+    bb = mokd.build_backbone(meta["arch"], cfg)
+    mokd.load_strict(bb.net if meta["arch"] in mokd.RESNETS else bb, state, args.backbone)
+    return bb.eval(), cfg, args.backbone
+
+
+def feature_fn(bb, arch, n_last_blocks, avgpool):
+    """Frozen features: ResNet pooled (N, C); ViT CLS of the last n blocks [+ mean patch token] (N, n*D [+ D])."""
+    if arch in mokd.RESNETS:
+        return lambda x: bb(x)[0]
+
+    def vit(x):
+        outs = bb.last_layers(x, n_last_blocks)  # n x (N, 1+L, D)
+        f = torch.cat([o[:, 0] for o in outs], dim=-1)
+        if avgpool:
+            f = torch.cat([f, outs[-1][:, 1:].mean(1)], dim=-1)
+        return f
+    return vit
+
+
+def checksum(module):
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Folder(torchvision.datasets.ImageFolder):
+    """ImageFolder that converts any mode to RGB and names an unreadable file in its error."""
+
+    def __init__(self, root, transform):
+        super().__init__(root, transform=transform, loader=self.read)
+
+    @staticmethod
+    def read(path):
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return mokd.to_rgb(img)
+        except Exception as e:
+            raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- distributed feature extraction
+@torch.no_grad()
+def extract(feat, dataset, args, device, rank, world):
+    """Features and labels of the whole dataset, split across ranks and gathered: ((N, D), (N,))."""
+    idx = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=args.batch_size_per_gpu,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    fs, ys = [], []
+    try:
+        for x, y in loader:
+            fs.append(feat(x.to(device, non_blocking=True)).float())
+            ys.append(y.to(device))
+    except MOKDError as e:
+        raise MOKDError(mokd.worker_error_message(e)) from None
+    f = torch.cat(fs) if fs else torch.zeros(0, 1, device=device)
+    y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long, device=device)
+    if world == 1:
+        return f.cpu(), y.cpu()
+    n_max = math.ceil(len(dataset) / world)
+    D = torch.tensor([f.shape[1]], device=device)
+    dist.all_reduce(D, op=dist.ReduceOp.MAX)
+    pad_f = torch.zeros(n_max, int(D), device=device)
+    pad_f[: len(f)] = f
+    pad_y = torch.full((n_max,), -1, dtype=torch.long, device=device)
+    pad_y[: len(y)] = y
+    all_f, all_y = [torch.zeros_like(pad_f) for _ in range(world)], [torch.zeros_like(pad_y) for _ in range(world)]
+    dist.all_gather(all_f, pad_f)
+    dist.all_gather(all_y, pad_y)
+    out_f, out_y = torch.zeros(len(dataset), int(D)), torch.zeros(len(dataset), dtype=torch.long)
+    for r in range(world):  # rank r holds images r, r + world, ...
+        n = len(range(r, len(dataset), world))
+        out_f[r::world], out_y[r::world] = all_f[r][:n].cpu(), all_y[r][:n].cpu()
+    return out_f, out_y
+
+
+# ----------------------------------------------------------------------------- the linear probe
+def accuracy(logits, y):
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return 100.0 * (top[:, 0] == y).float().mean().item(), 100.0 * (top == y[:, None]).any(1).float().mean().item()
+
+
+def make_linear(dim, num_classes):
+    lin = nn.Linear(dim, num_classes)
+    nn.init.normal_(lin.weight, std=0.01)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+def train_linear_cached(train_f, train_y, val_f, val_y, num_classes, args, lr):
+    """The DINO probe on fixed features: SGD momentum 0.9, no weight decay, cosine lr to 0."""
+    g = torch.Generator().manual_seed(args.seed)
+    lin = make_linear(train_f.shape[1], num_classes)
+    opt = torch.optim.SGD(lin.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps = args.epochs * math.ceil(len(train_f) / args.batch_size_per_gpu)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0)
+    best, last = (0.0, 0.0), (0.0, 0.0)
+    for _ in range(args.epochs):
+        for idx in torch.randperm(len(train_f), generator=g).split(args.batch_size_per_gpu):
+            loss = F.cross_entropy(lin(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            last = accuracy(lin(val_f), val_y)
+        best = max(best, last)
+    return lin, best, last
+
+
+def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, num_classes, dim):
+    """The DINO probe with augmentation: frozen backbone under no_grad, DDP linear layer under torchrun."""
+    torch.manual_seed(args.seed)
+    lin = make_linear(dim, num_classes).to(device)
+    model = nn.parallel.DistributedDataParallel(lin) if world > 1 else lin
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size_per_gpu, sampler=sampler,
+                                         shuffle=sampler is None, num_workers=args.num_workers, drop_last=False,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader), eta_min=0)
+    val_f, val_y = val_feats
+    best, last = (0.0, 0.0), (0.0, 0.0)
+    for epoch in range(args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        try:
+            for x, y in loader:
+                with torch.no_grad():
+                    f = feat(x.to(device, non_blocking=True)).float()
+                loss = F.cross_entropy(model(f), y.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        except MOKDError as e:
+            raise MOKDError(mokd.worker_error_message(e)) from None
+        with torch.no_grad():
+            last = accuracy(lin(val_f.to(device)).cpu(), val_y)
+        best = max(best, last)
+        mokd.say(rank, f"epoch {epoch + 1}/{args.epochs}: val top-1 {last[0]:.2f} top-5 {last[1]:.2f}")
+    return lin.cpu(), best, last
+
+
+# ----------------------------------------------------------------------------- main
+def evaluate(args):
+    mokd.check_image_folder(args.train_path, "--train-path")
+    mokd.check_image_folder(args.val_path, "--val-path")
+    for flag, v in (("--epochs", args.epochs), ("--batch-size-per-gpu", args.batch_size_per_gpu)):
+        if v < 1:
+            raise MOKDError(f"{flag} must be >= 1, got {v}")
+    if any(k < 1 for k in args.nb_knn) or not args.temperature > 0:
+        raise MOKDError(f"--nb-knn must be positive and --temperature > 0, got {args.nb_knn} and {args.temperature}")
+    if args.num_workers is None:
+        args.num_workers = min(8, os.cpu_count() or 1)
+    cfg0 = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "dist_timeout": 30}
+    rank, world, device = mokd.setup_distributed(cfg0)
+    bb, cfg, source = load_backbone(args)
+    arch, size = cfg["arch"], cfg["global_crop_size"]
+    is_base = arch == "vit_base"
+    n_last = args.n_last_blocks or (1 if is_base else 4)
+    avgpool = is_base if args.avgpool_patchtokens is None else args.avgpool_patchtokens
+    if arch in mokd.VITS and not 1 <= n_last <= len(bb.blocks):
+        raise MOKDError(f"--n-last-blocks must lie in [1, {len(bb.blocks)}], got {n_last}")
+    bb = bb.to(device)
+    bb.requires_grad_(False)
+    feat = feature_fn(bb, arch, n_last, avgpool)
+    before = checksum(bb)
+    tf_eval = mokd.eval_transform(size)
+    train_eval, val = Folder(args.train_path, tf_eval), Folder(args.val_path, tf_eval)
+    if train_eval.classes != val.classes:
+        raise MOKDError(f"--train-path and --val-path have different class folders: {train_eval.classes} vs {val.classes}")
+    C = len(train_eval.classes)
+    result = {"mode": "knn" if args.knn else ("linear_cached" if args.cached_features else "linear"),
+              "model": args.model if args.checkpoint else None, "which": args.which if args.checkpoint else None,
+              "arch": arch, "checkpoint": source, "train_size": len(train_eval), "val_size": len(val),
+              "num_classes": C}
+    val_f, val_y = extract(feat, val, args, device, rank, world)
+    if args.knn or args.cached_features:
+        train_f, train_y = extract(feat, train_eval, args, device, rank, world)
+    base_lr = args.lr if args.lr is not None else (0.01 if arch in mokd.RESNETS else 0.001)
+    lr = base_lr * args.batch_size_per_gpu * world / 256
+    lin = None
+    if args.knn:
+        if rank == 0:
+            res = mokd.knn_classify(train_f, train_y, val_f, val_y, args.nb_knn, args.temperature, C)
+            result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3)} for k, (a, b) in res.items()}
+    elif args.cached_features:
+        if rank == 0:
+            lin, best, last = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr)
+            result["linear"] = {"best_top1": best[0], "best_top5": best[1], "last_top1": last[0], "last_top5": last[1]}
+    else:
+        aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
+        lin, best, last = train_linear_full(feat, Folder(args.train_path, aug), (val_f, val_y), args, lr, device,
+                                            rank, world, C, val_f.shape[1])
+        result["linear"] = {"best_top1": best[0], "best_top5": best[1], "last_top1": last[0], "last_top5": last[1]}
+    if checksum(bb) != before:
+        raise MOKDError("the frozen backbone changed during evaluation (checksum mismatch): this is a bug")
+    result["backbone_unchanged"] = True
+    if rank == 0:
+        print_table(result)
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+            name = f"eval_{result['mode']}_{args.model if args.checkpoint else arch}"
+            with open(os.path.join(args.output_dir, name + ".json"), "w") as f:
+                json.dump(result, f, indent=1)
+            if lin is not None:
+                mokd.atomic_save(lin.state_dict(), os.path.join(args.output_dir, name + "_linear.pth"))
+        print(json.dumps(result), flush=True)
+    return result
+
+
+def print_table(r):
+    print(f"{r['arch']} ({r['checkpoint']}, model {r['model']}, {r['which']}): {r['train_size']} train / "
+          f"{r['val_size']} val images, {r['num_classes']} classes")
+    rows = ([(f"k-NN k={k}", v["top1"], v["top5"]) for k, v in r["knn"].items()] if "knn" in r else
+            [("linear best", r["linear"]["best_top1"], r["linear"]["best_top5"]),
+             ("linear last", r["linear"]["last_top1"], r["linear"]["last_top5"])])
+    print(f"{'protocol':<14}{'top-1':>8}{'top-5':>8}")
+    for name, a, b in rows:
+        print(f"{name:<14}{a:>8.2f}{b:>8.2f}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return evaluate(args)
+    except MOKDError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if mokd.is_dist():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
