@@ -141,6 +141,7 @@ def build_parser():
     a("--local-crops-scale", type=float, nargs=2, default=None, help=g)
     a("--data-path", default=None, help="ImageFolder tree; without it, a built-in synthetic dataset")
     a("--synthetic-size", type=int, default=768, help="images in the synthetic dataset (no --data-path)")
+    a("--knn-images", type=int, default=900, help="held-out synthetic images for the demo's k-NN (2/3 bank, 1/3 test)")
     a("--bad-images", default="skip", choices=["skip", "error"],
       help="unreadable image: skip it (warn, substitute the next image, count per epoch) or stop the run")
     a("--num-workers", type=int, default=None, help="DataLoader workers per process (default: min(8, cpus))")
@@ -312,7 +313,7 @@ def to_rgb(img):
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 255.0 if img.mode == "F" and arr.max() <= 255 else (65535.0 if arr.max() > 255 else 255.0)
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -1099,6 +1100,7 @@ def make_loader(cfg, rank, world, device):
     w = cfg["num_workers"]
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size_per_gpu"], sampler=sampler, num_workers=w,
                                          pin_memory=device.type == "cuda", drop_last=True,
+                                         generator=torch.Generator().manual_seed(cfg["seed"]),  # not the global RNG
                                          persistent_workers=w > 0, prefetch_factor=4 if w > 0 else None)
     return ds, sampler, loader
 
@@ -1285,7 +1287,8 @@ def demo_knn(run, cfg, device, rank):
     def images(n, seed):
         pairs = [draw_synthetic(i, seed, size) for i in range(n)]
         return torch.stack([tf(im) for im, _ in pairs]), torch.tensor([y for _, y in pairs])
-    (xtr, ytr), (xte, yte) = images(600, cfg["seed"] + 1), images(300, cfg["seed"] + 2)
+    n_bank = max(1, 2 * cfg["knn_images"] // 3)
+    (xtr, ytr), (xte, yte) = images(n_bank, cfg["seed"] + 1), images(max(1, cfg["knn_images"] - n_bank), cfg["seed"] + 2)
     res = {}
     for m in "ab":
         bb = unwrap(run.teachers[m]).backbone

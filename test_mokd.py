@@ -13,10 +13,10 @@ from hypothesis import given, settings, strategies as st
 import mokd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32", "--thead-dim", "48",
+TINY = ["--patch-size", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32", "--thead-dim", "48",
         "--thead-heads", "4", "--thead-depth", "1", "--global-crop-size", "16", "--local-crop-size", "8",
         "--local-crops-number", "2", "--batch-size-per-gpu", "4", "--device", "cpu", "--drop-path", "0",
-        "--num-workers", "0", "--synthetic-size", "32", "--epochs", "2", "--warmup-epochs", "1"]
+        "--num-workers", "0", "--synthetic-size", "32", "--knn-images", "60", "--epochs", "2", "--warmup-epochs", "1"]
 FEW = settings(deadline=None, max_examples=15)
 
 
@@ -464,3 +464,234 @@ def test_eval_knn_two_processes_equal_one(trained, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(json.loads(r.stdout.strip().splitlines()[-1])["knn"])
     assert outs[0] == outs[1]
+
+
+# ============================================================================= reliability
+def cli_error(capsys, *argv):
+    """Run mokd.main in-process; return its error message (it must exit with status 2)."""
+    with pytest.raises(SystemExit) as e:
+        mokd.main(list(argv))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout,expected", [
+    ("missing", "does not exist"), ("file", "not a directory"), ("empty", "no class folders"),
+    ("no_classes", "no class folders"), ("no_images", "no image files")])
+def test_bad_data_path(tmp_path, capsys, layout, expected):
+    path = tmp_path / "data"
+    if layout == "file":
+        path.write_text("x")
+    elif layout != "missing":
+        path.mkdir()
+    if layout == "no_classes":
+        make_folder(tmp_path / "flat", 1)
+        Image.new("RGB", (8, 8)).save(path / "a.png")
+    if layout == "no_images":
+        (path / "cats").mkdir()
+        (path / "cats" / "notes.txt").write_text("x")
+    err = cli_error(capsys, *TINY, "--data-path", str(path), "--output-dir", str(tmp_path / "o"))
+    assert "--data-path" in err and str(path) in err and expected in err
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--arch-a", "resnet19"], "--arch-a 'resnet19' is not a known architecture; choices: resnet18"),
+    (["--arch-b", "vit_tiny", "--patch-size", "5"], "not divisible by --patch-size 5"),
+    (["--arch-a", "resnet18", "--stem", "imagenet"], "smaller than model A's (resnet18, stem imagenet)"),
+    (["--local-crops-number", "0"], "--local-crops-number 0 leaves L_ct without queries"),
+    (["--arch-a", "resnet18", "--batch-size-per-gpu", "1"], "--batch-size-per-gpu 1 leaves BatchNorm"),
+    (["--lambda-a", "-1"], "--lambda-a must be a finite number >= 0, got -1.0"),
+    (["--lambda-b", "nan"], "--lambda-b must be a finite number >= 0, got nan"),
+    (["--lr-a", "inf"], "--lr-a must be a finite number >= 0, got inf"),
+    (["--teacher-temp", "0"], "--teacher-temp must be a positive temperature"),
+    (["--momentum-teacher", "1.5"], "--momentum-teacher must lie in [0, 1]"),
+    (["--thead-dim", "50"], "--thead-dim 50 is not divisible by --thead-heads 4"),
+    (["--global-crops-scale", "0.5", "0.2"], "--global-crops-scale must satisfy"),
+    (["--precision", "fp16"], "--precision fp16 needs CUDA"),
+])
+def test_bad_flags_are_refused_with_a_message(tmp_path, capsys, flags, expected):
+    err = cli_error(capsys, *TINY, *flags, "--output-dir", str(tmp_path))
+    assert expected in err
+    assert not os.path.exists(tmp_path / "checkpoint.pth")
+
+
+def test_local_crops_zero_with_lambda_zero_trains(tmp_path):
+    mokd.main([*TINY, "--local-crops-number", "0", "--lambda-a", "0", "--lambda-b", "0", "--arch-a", "vit_tiny",
+               "--arch-b", "vit_tiny", "--max-steps", "2", "--output-dir", str(tmp_path)])
+    assert os.path.exists(tmp_path / "checkpoint.pth")
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = cli_error(capsys, *TINY, "--output-dir", str(blocker / "sub"))
+    assert "--output-dir" in err and "cannot be created or written" in err
+
+
+MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "LA", "YCbCr"]
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.integers(1, 40), st.integers(1, 40), st.sampled_from(MODES), st.integers(0, 3))
+def test_multicrop_any_size_and_mode(w, h, mode, n_local):
+    arr = np.random.default_rng(w * h).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    if mode in ("I;16", "I", "F"):  # deep grey images
+        img = Image.fromarray(arr[..., 0].astype(np.uint16) * 257)
+        img = img if mode == "I;16" else img.convert(mode)
+    else:
+        img = Image.fromarray(arr).convert(mode)
+    aug = mokd.MultiCropAugmentation(16, 8, n_local, (0.25, 1.0), (0.05, 0.25))
+    crops = aug(mokd.to_rgb(img))
+    assert len(crops) == 2 + n_local
+    assert all(c.shape == (3, 16, 16) for c in crops[:2]) and all(c.shape == (3, 8, 8) for c in crops[2:])
+    assert all(torch.isfinite(c).all() for c in crops)
+
+
+def test_sixteen_bit_images_keep_their_contrast():
+    img = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
+    assert mokd.to_rgb(img).getpixel((1, 0)) == (255, 255, 255) and mokd.to_rgb(img).getpixel((0, 0)) == (0, 0, 0)
+
+
+def broken_folder(root):
+    """A folder of good images of several modes plus three unreadable files."""
+    make_folder(root, 4)
+    Image.new("CMYK", (20, 20), (10, 200, 30, 0)).save(root / "class0" / "cmyk.jpg")
+    Image.new("P", (20, 20)).save(root / "class1" / "palette.png")
+    Image.new("RGBA", (20, 20)).save(root / "class1" / "rgba.png")
+    Image.fromarray(np.full((20, 20), 4000, np.uint16)).save(root / "class2" / "deep.png")
+    (root / "class0" / "empty.jpg").write_bytes(b"")
+    (root / "class1" / "text.jpg").write_text("not an image")
+    good = root / "class2" / "0.png"
+    Image.open(good).save(root / "class2" / "whole.jpg", quality=90)
+    data = (root / "class2" / "whole.jpg").read_bytes()
+    (root / "class2" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    return ["empty.jpg", "text.jpg", "truncated.jpg"]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_images_are_skipped_with_a_warning(tmp_path, capfd, workers):
+    bad = broken_folder(tmp_path / "data")
+    mokd.main([*TINY, "--arch-b", "vit_tiny", "--data-path", str(tmp_path / "data"), "--num-workers", workers, "--epochs", "1",
+               "--batch-size-per-gpu", "4", "--output-dir", str(tmp_path / "o")])
+    err = capfd.readouterr().err
+    for name in bad:
+        assert f"skipping unreadable image (cannot read image {tmp_path / 'data'}" in err and name in err
+    assert "unreadable images were skipped" in err
+    assert os.path.exists(tmp_path / "o" / "checkpoint.pth")
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_image_can_stop_the_run(tmp_path, capsys, workers):
+    root = tmp_path / "data"
+    make_folder(root, 2)
+    (root / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    err = cli_error(capsys, *TINY, "--arch-b", "vit_tiny", "--data-path", str(root), "--bad-images", "error", "--num-workers", workers,
+                    "--batch-size-per-gpu", "7", "--output-dir", str(tmp_path / "o"))
+    assert f"cannot read image {root / 'class0' / 'broken.jpg'}" in err and "Traceback" not in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "o")
+    mokd.main([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--epochs", "1", "--output-dir", out])
+    ckpt = os.path.join(out, "checkpoint.pth")
+    before = open(ckpt, "rb").read()
+    real = mokd.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(s, t, tau):  # L_ct of model A becomes NaN at the third step of the resumed run
+        calls["n"] += 1
+        loss = real(s, t, tau)
+        return loss * float("nan") if calls["n"] == 5 else loss
+    monkeypatch.setattr(mokd, "cross_entropy", poisoned)
+    err = cli_error(capsys, *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--epochs", "2", "--output-dir", out)
+    assert "non-finite loss: model A term L_ct = nan at step 10" in err and f"Last good checkpoint: {ckpt}" in err
+    assert open(ckpt, "rb").read() == before
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+
+
+def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    mokd.atomic_save({"v": torch.ones(3)}, path)
+
+    def fail(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mokd.os, "replace", fail)
+    with pytest.raises(OSError):
+        mokd.atomic_save({"v": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def test_resume_refuses_a_different_config_and_a_truncated_file(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    base = [*TINY, "--arch-a", "vit_tiny", "--arch-b", "resnet18", "--max-steps", "1", "--output-dir", out]
+    mokd.main(base)
+    err = cli_error(capsys, *base, "--out-dim", "32", "--arch-b", "resnet34")
+    assert "differing keys" in err and "arch_b" in err and "out_dim" in err
+    ckpt = os.path.join(out, "checkpoint.pth")
+    data = open(ckpt, "rb").read()
+    open(ckpt, "wb").write(data[: len(data) // 3])
+    err = cli_error(capsys, *base)
+    assert f"checkpoint {ckpt!r} is unreadable" in err
+    assert os.path.getsize(ckpt) == len(data) // 3  # never overwritten by a fresh start
+    err = cli_error(capsys, *base, "--resume", str(tmp_path / "nope.pth"))
+    assert "does not exist" in err
+
+
+def checkpoint_tensors(path):
+    ck = torch.load(path, weights_only=True)
+    out = {f"{m}.{r}.{k}": v for m in "ab" for r in ("student", "teacher") for k, v in ck["models"][m][r].items()}
+    out.update({f"centre.{k}": v for k, v in ck["centres"].items()})
+    return out, ck
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_exact_resume_at_epoch_end_and_mid_epoch(tmp_path, workers):
+    base = [*TINY, "--arch-a", "vit_tiny", "--arch-b", "resnet18", "--drop-path", "0.1", "--num-workers", workers,
+            "--epochs", "2"]
+    mokd.main(base + ["--output-dir", str(tmp_path / "full")])
+    full, ck = checkpoint_tensors(tmp_path / "full" / "checkpoint.pth")
+    assert ck["epoch"] == 2
+    for stop in ("8", "5"):  # 8 steps per epoch: stop at the epoch boundary, and in the middle of epoch 0
+        out = str(tmp_path / f"stop{stop}")
+        mokd.main(base + ["--max-steps", stop, "--output-dir", out])
+        part, ck = checkpoint_tensors(os.path.join(out, "checkpoint.pth"))
+        assert ck["global_step"] == int(stop)
+        mokd.main(base + ["--output-dir", out])  # plain relaunch resumes
+        resumed, _ = checkpoint_tensors(os.path.join(out, "checkpoint.pth"))
+        assert resumed.keys() == full.keys()
+        for k in full:
+            assert torch.equal(full[k], resumed[k]), (stop, k)
+
+
+def test_sigterm_saves_and_relaunch_resumes(tmp_path):
+    out = tmp_path / "o"
+    args = [os.path.join(HERE, "mokd.py"), *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--epochs", "50",
+            "--log-every", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "log.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(subprocess.signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by signal" in stdout
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert 0 < ck["global_step"] < 50 * 8
+    r = run_cli(args[1:] + ["--max-steps", str(ck["global_step"] + 1)])
+    assert r.returncode == 0 and f"resumed from {out / 'checkpoint.pth'}" in r.stdout
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["global_step"] == ck["global_step"] + 1
+
+
+def test_one_rank_failing_ends_the_torchrun_job(tmp_path):
+    root = tmp_path / "data"
+    make_folder(root, 3)
+    (root / "class1" / "broken.jpg").write_bytes(b"GIF89a broken")
+    import time
+    t0 = time.time()
+    r = run_cli([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--data-path", str(root), "--bad-images",
+                 "error", "--batch-size-per-gpu", "2", "--output-dir", str(tmp_path / "o")], nproc=2, timeout=300)
+    assert r.returncode != 0 and "broken.jpg" in r.stderr
+    assert time.time() - t0 < 240
