@@ -165,6 +165,7 @@ def build_parser():
 
 def resolve_config(args):
     """Fill unset flags (demo or recipe, then family defaults) and return a plain dict. Overrides nothing set."""
+    # DEVIATION: the authors' loop overrides some flags; per-model values here are flags with family defaults.
     cfg = vars(args).copy()
     base = DEMO if cfg["data_path"] is None else RECIPE
     for k, v in base.items():
@@ -183,6 +184,7 @@ def resolve_config(args):
     if cfg["device"] is None:
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg["precision"] is None:
+        # DEVIATION: bf16 by default on CUDA (the authors use fp16, available as --precision fp16).
         cfg["precision"] = "bf16" if cfg["device"] == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if cfg["num_workers"] is None:
         cfg["num_workers"] = min(8, os.cpu_count() or 1)
@@ -303,6 +305,7 @@ class MultiCropAugmentation:
 def seeded(aug, img, seed, epoch, index):
     """Augment with torch's RNG seeded by (seed, epoch, index), leaving the caller's RNG untouched: the crops
     of an image never depend on which worker loads it, so data order and augmentation resume exactly."""
+    # DEVIATION: the authors rely on per-worker RNG streams; per-image seeds make resume exact.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(hash((seed, epoch, index)) & 0x7FFFFFFF)
         return aug(img)
@@ -342,7 +345,7 @@ class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
             try:
                 img = self.load((index + attempt) % len(self.samples))
                 break
-            except MOKDError as e:
+            except MOKDError as e:  # DEVIATION: the authors' loader crashes the worker on a broken file
                 if self.bad_images == "error":
                     raise
                 print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
@@ -454,7 +457,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, arch, stem):
         super().__init__()
         net = getattr(torchvision.models, arch)(weights=None)
-        if stem == "cifar":  # 3x3 conv, stride 1, no max-pool: a 32 px crop keeps a 4x4 last stage
+        if stem == "cifar":  # DEVIATION (small images): 3x3 conv, stride 1, no max-pool: 32 px keeps a 4x4 map
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
         self.embed_dim = net.fc.in_features
@@ -528,6 +531,7 @@ def resize_pos_embed(pos, grid, new_grid):
     """(1, h*w, D) position embedding for `grid` -> (1, h'*w', D) for `new_grid`, bicubic."""
     if tuple(grid) == tuple(new_grid):
         return pos
+    # DEVIATION: interpolate to an exact size (DINO passes a scale factor with a +0.1 offset).
     D = pos.shape[-1]
     pos = pos.reshape(1, *grid, D).permute(0, 3, 1, 2)  # (1, D, h, w)
     pos = F.interpolate(pos.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
@@ -632,6 +636,7 @@ class THead(nn.Module):
 
     def __init__(self, in_dim, dim, grid, out_dim, depth, heads, norm_last_layer):
         super().__init__()
+        # DEVIATION: any pair of backbones; a Linear when widths differ (= the authors' 1x1 conv on a CNN map).
         self.proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)  # identity when widths match
         self.grid = tuple(grid)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
@@ -699,6 +704,7 @@ def search(teacher, g1, query, n_local):
     """Cross-attention feature search: teacher T-head over its own g1 tokens, tiled once per local crop,
     with the partner's query prepended. g1 (B, L, d), query (n*B, d) crop-major -> (n*B, K).
     Row j*B + b pairs the query of local crop j of image b with g1 of image b."""
+    # DEVIATION: g1 is projected and position-embedded once, then tiled (the authors tile the raw CNN map).
     tiled = g1.repeat(n_local, 1, 1)  # (n*B, L, d): row j*B + b is image b
     return teacher.thead.run(tiled, query)
 
@@ -788,6 +794,7 @@ def cosine_schedule(base, final, epochs, niter, warmup_epochs=0, start_warmup=0.
 
 def teacher_temp_schedule(start, final, warmup_epochs, epochs):
     """tau_t per epoch: linear from start to final over warm-up epochs, then final (clamped to the run)."""
+    # DEVIATION: the authors' code crashes when epochs < warm-up; we clamp the warm-up to the run.
     warm = min(warmup_epochs, epochs)
     return np.concatenate([np.linspace(start, final, warm), np.full(epochs - warm, final)])
 
@@ -860,6 +867,7 @@ def ema_update(student, teacher, m):
 # ======================================================================================
 def setup_distributed(cfg):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process without a group."""
+    # DEVIATION: the authors need a launcher and several GPUs; here torchrun or plain python, nccl or gloo.
     if "RANK" not in os.environ:
         return 0, 1, torch.device(cfg["device"])
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -965,7 +973,7 @@ class Run:
             teacher.load_state_dict(student.state_dict())
             if isinstance(student.backbone, VisionTransformer):
                 student.backbone.grad_checkpointing = cfg["grad_checkpointing"]
-            if family(arch) == "resnet" and world > 1 and device.type == "cuda":
+            if family(arch) == "resnet" and world > 1 and device.type == "cuda":  # DEVIATION: plain BN on CPU/gloo
                 student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
                 teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
             mf = torch.channels_last if family(arch) == "resnet" and device.type == "cuda" else torch.preserve_format
@@ -991,6 +999,7 @@ class Run:
             s = {m: self.students[m](glob, loc) for m in "ab"}
             with torch.no_grad():
                 t = {m: self.teachers[m](glob) for m in "ab"}  # teachers see the 2 global crops only
+                # DEVIATION: with lambda_X = 0 the search for X (and L_cm, L_ct of X) is skipped, not computed.
                 srch = {x: (search(unwrap(self.teachers[y]), t[y]["g1"], s[x]["query"], n)
                             if cfg[f"lam_{x}"] > 0 else None) for x, y in (("a", "b"), ("b", "a"))}
         totals, terms = {}, {}
@@ -1041,7 +1050,7 @@ class Run:
         load_strict(self.centres, ckpt["centres"], f"{path}: centres")
 
 
-class Monitor:
+class Monitor:  # DEVIATION: DINO / the authors check loss.item() every step (a host sync)
     """Checks each step's values one step late so the GPU never waits for the host: the step's tensor
     (8 terms, 2 entropies, stop flag) is all-reduced and copied to the host asynchronously, and read
     after the next step is queued. Every rank sees the same reduced values, so all stop together."""

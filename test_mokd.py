@@ -695,3 +695,42 @@ def test_one_rank_failing_ends_the_torchrun_job(tmp_path):
                  "error", "--batch-size-per-gpu", "2", "--output-dir", str(tmp_path / "o")], nproc=2, timeout=300)
     assert r.returncode != 0 and "broken.jpg" in r.stderr
     assert time.time() - t0 < 240
+
+
+# ============================================================================= performance paths
+def losses_and_grads(cfg, seed=0):
+    run, S = make_run(cfg, seed)
+    totals, terms, _, _ = run.losses(make_crops(), 1, S)
+    for m in "ab":
+        totals[m].backward()
+    grads = {f"{m}.{k}": p.grad.clone() for m in "ab" for k, p in run.students[m].named_parameters() if p.grad is not None}
+    return torch.stack([terms[m][k] for m in "ab" for k in mokd.LOSS_NAMES]), grads
+
+
+def test_grad_checkpointing_gives_the_same_losses_and_gradients():
+    ref_l, ref_g = losses_and_grads(make_cfg("vit_tiny", "resnet18", drop_path=0.1))
+    ckpt_l, ckpt_g = losses_and_grads(make_cfg("vit_tiny", "resnet18", drop_path=0.1, grad_checkpointing=True))
+    torch.testing.assert_close(ref_l, ckpt_l, rtol=1e-6, atol=1e-6)
+    assert ref_g.keys() == ckpt_g.keys()
+    for k in ref_g:
+        torch.testing.assert_close(ref_g[k], ckpt_g[k], rtol=1e-4, atol=1e-6)
+
+
+def test_explicit_attention_everywhere_gives_the_same_losses():
+    cfg = make_cfg("vit_tiny", "resnet18")
+    ref_l, ref_g = losses_and_grads(cfg)
+    run, S = make_run(cfg)
+    for m in "ab":
+        for mod in run.students[m].modules():
+            if isinstance(mod, mokd.Attention):
+                mod.fused = False
+    _, terms, _, _ = run.losses(make_crops(), 1, S)
+    torch.testing.assert_close(torch.stack([terms[m][k] for m in "ab" for k in mokd.LOSS_NAMES]), ref_l, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("MOKD_TEST_COMPILE") != "1", reason="torch.compile on the CPU takes minutes; "
+                    "set MOKD_TEST_COMPILE=1 to run")
+def test_compiled_matches_eager():
+    ref_l, _ = losses_and_grads(make_cfg("vit_tiny", "resnet18"))
+    comp_l, _ = losses_and_grads(make_cfg("vit_tiny", "resnet18", compile=True))
+    torch.testing.assert_close(ref_l, comp_l, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The paired CIFAR-10 experiment: MOKD and independent training (lambda 0), identical in everything else
+# (seed, data order, initial weights, augmentations), side by side on one device; then k-NN (k = 20, 200)
+# and a cached-feature linear probe of all four teachers on the test set.
+#
+#   bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [extra mokd.py flags...]
+#   DATA_DIR holds train/ and test/ in ImageFolder layout (e.g. a copy of CIFAR-10 as JPEGs).
+set -euo pipefail
+data=${1:?usage: bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
+out=${2:?usage: bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
+epochs=${3:-100}
+shift $(( $# < 3 ? $# : 3 ))
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+
+# The CIFAR-10 recipe (README, "CIFAR-10 recipe"): warm-ups scale with the epoch budget.
+w=$(( epochs / 10 > 0 ? epochs / 10 : 1 ))
+recipe=(--data-path "$data/train" --arch-a resnet18 --arch-b vit_tiny --patch-size 4
+        --global-crop-size 32 --local-crop-size 16 --local-crops-number 6
+        --global-crops-scale 0.4 1.0 --local-crops-scale 0.1 0.4
+        --batch-size-per-gpu 256 --out-dim 4096 --thead-dim 192 --epochs "$epochs"
+        --warmup-epochs "$w" --warmup-teacher-temp-epochs-a $(( 3 * w / 2 > 0 ? 3 * w / 2 : 1 ))
+        --warmup-teacher-temp-epochs-b "$w" --cross-warmup-teacher-temp-epochs "$w" --log-every 20 "$@")
+
+start=$(date +%s)
+python "$here/mokd.py" "${recipe[@]}" --output-dir "$out/mokd" > "$out/mokd.log" 2>&1 &
+p1=$!
+python "$here/mokd.py" "${recipe[@]}" --lambda-a 0 --lambda-b 0 --output-dir "$out/independent" > "$out/independent.log" 2>&1 &
+p2=$!
+status=0
+wait $p1 || status=$?
+wait $p2 || status=$?
+if [ "$status" -ne 0 ]; then
+    echo "a training run failed; see $out/mokd.log and $out/independent.log" >&2
+    tail -n 5 "$out/mokd.log" "$out/independent.log" >&2
+    exit "$status"
+fi
+echo "training took $(( $(date +%s) - start )) s" | tee "$out/times.txt"
+
+for run in mokd independent; do
+    for m in a b; do
+        python "$here/eval_linear.py" --checkpoint "$out/$run/checkpoint.pth" --model "$m" --knn --nb-knn 20 200 \
+            --temperature 0.07 --train-path "$data/train" --val-path "$data/test" --batch-size-per-gpu 512 \
+            | tail -n 1 | sed "s/^/{\"run\": \"$run\", \"eval\": /; s/\$/}/" >> "$out/eval.jsonl"
+        python "$here/eval_linear.py" --checkpoint "$out/$run/checkpoint.pth" --model "$m" --cached-features \
+            --epochs 100 --train-path "$data/train" --val-path "$data/test" --batch-size-per-gpu 512 \
+            | tail -n 1 | sed "s/^/{\"run\": \"$run\", \"eval\": /; s/\$/}/" >> "$out/eval.jsonl"
+    done
+done
+echo "total $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
+python - "$out/eval.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+print(f"{'run':<12}{'model':<10}{'k-NN k=20':>10}{'k=200':>8}{'linear':>8}")
+for run in ("independent", "mokd"):
+    for arch in sorted({r["eval"]["arch"] for r in rows}):
+        rs = [r["eval"] for r in rows if r["run"] == run and r["eval"]["arch"] == arch]
+        knn = next(r["knn"] for r in rs if "knn" in r)
+        lin = next((r["linear"]["best_top1"] for r in rs if "linear" in r), float("nan"))
+        print(f"{run:<12}{arch:<10}{knn['20']['top1']:>10.2f}{knn['200']['top1']:>8.2f}{lin:>8.2f}")
+PY
