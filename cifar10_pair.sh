@@ -13,14 +13,15 @@ shift $(( $# < 3 ? $# : 3 ))
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 
-# The CIFAR-10 recipe (README, "CIFAR-10 recipe"): warm-ups scale with the epoch budget.
-w=$(( epochs / 10 > 0 ? epochs / 10 : 1 ))
+# The CIFAR-10 recipe (README, "CIFAR-10 recipe"). Warm-ups keep the authors' proportions of the run:
+# lr 10%, ResNet self terms 50%, ViT self terms and cross terms 30% (10, 50 and 30 of their 100 epochs).
+pct() { local v=$(( epochs * $1 / 100 )); echo $(( v > 0 ? v : 1 )); }
 recipe=(--data-path "$data/train" --arch-a resnet18 --arch-b vit_tiny --patch-size 4
         --global-crop-size 32 --local-crop-size 16 --local-crops-number 6
         --global-crops-scale 0.4 1.0 --local-crops-scale 0.1 0.4
         --batch-size-per-gpu 256 --out-dim 4096 --thead-dim 192 --epochs "$epochs"
-        --warmup-epochs "$w" --warmup-teacher-temp-epochs-a $(( 3 * w / 2 > 0 ? 3 * w / 2 : 1 ))
-        --warmup-teacher-temp-epochs-b "$w" --cross-warmup-teacher-temp-epochs "$w" --log-every 20 "$@")
+        --warmup-epochs "$(pct 10)" --warmup-teacher-temp-epochs-a "$(pct 50)"
+        --warmup-teacher-temp-epochs-b "$(pct 30)" --cross-warmup-teacher-temp-epochs "$(pct 30)" --log-every 20 "$@")
 
 start=$(date +%s)
 python "$here/mokd.py" "${recipe[@]}" --output-dir "$out/mokd" > "$out/mokd.log" 2>&1 &

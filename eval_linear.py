@@ -159,7 +159,7 @@ def extract(feat, dataset, args, device, rank, world):
 # ----------------------------------------------------------------------------- the linear probe
 def accuracy(logits, y):
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return 100.0 * (top[:, 0] == y).float().mean().item(), 100.0 * (top == y[:, None]).any(1).float().mean().item()
+    return round(100.0 * (top[:, 0] == y).sum().item() / len(y), 3), round(100.0 * (top == y[:, None]).any(1).sum().item() / len(y), 3)
 
 
 def make_linear(dim, num_classes):
