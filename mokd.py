@@ -1170,13 +1170,14 @@ def train(cfg, rank, world, device):
         del saved
     else:
         torch.manual_seed(cfg["seed"] + rank)  # per-rank randomness (drop-path)
-    knn_before = demo_knn(run, cfg, device, rank) if not cfg["data_path"] and start_epoch == start_it == 0 else None
+    total_steps = cfg["epochs"] * niter if cfg["max_steps"] is None else min(cfg["epochs"] * niter, cfg["max_steps"])
+    demo = not cfg["data_path"] and total_steps == cfg["epochs"] * niter  # the demo reports k-NN before / after
+    knn_before = demo_knn(run, cfg, device, rank) if demo and start_epoch == start_it == 0 else None
     if rank == 0:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
                        "python": platform.python_version(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                        else platform.processor() or platform.machine(), "argv": sys.argv}, f, indent=1)
-    total_steps = cfg["epochs"] * niter if cfg["max_steps"] is None else min(cfg["epochs"] * niter, cfg["max_steps"])
     monitor, stop = Monitor(world, device), StopRequest()
     last_ckpt = resume
     log = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
@@ -1232,7 +1233,7 @@ def train(cfg, rank, world, device):
         stop.restore()
         if log:
             log.close()
-    if rank == 0 and not cfg["data_path"]:
+    if rank == 0 and demo:
         after = demo_knn(run, cfg, device, rank)
         say(rank, json.dumps({"knn_top1_before": knn_before, "knn_top1_after": after}))
     return run
