@@ -1159,6 +1159,10 @@ def train(cfg, rank, world, device):
     if saved is not None:
         run.load(saved, resume)
         start_epoch, start_it = saved["epoch"], saved["step_in_epoch"]
+        if start_it and saved.get("steps_per_epoch") != niter:  # another global batch or dataset size
+            say(rank, f"warning: {resume} stopped mid-epoch with {saved.get('steps_per_epoch')} steps per epoch, "
+                      f"this run has {niter}: epoch {start_epoch} restarts from its first step")
+            start_it = 0
         rngs = saved["rng"]
         if len(rngs) == world:
             torch.set_rng_state(rngs[rank]["torch"])
@@ -1198,6 +1202,7 @@ def train(cfg, rank, world, device):
         rng = gather_rng_states(world)
         if rank == 0:
             atomic_save({"config": cfg, "epoch": epoch, "step_in_epoch": it, "global_step": epoch * niter + it,
+                         "steps_per_epoch": niter,
                          "rng": rng, **run.state()}, ckpt_path)
         last_ckpt = ckpt_path
 

@@ -734,3 +734,12 @@ def test_compiled_matches_eager():
     ref_l, _ = losses_and_grads(make_cfg("vit_tiny", "resnet18"))
     comp_l, _ = losses_and_grads(make_cfg("vit_tiny", "resnet18", compile=True))
     torch.testing.assert_close(ref_l, comp_l, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_mid_epoch_with_another_batch_restarts_the_epoch(tmp_path, capsys):
+    base = [*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--output-dir", str(tmp_path)]
+    mokd.main(base + ["--max-steps", "3"])
+    mokd.main(base + ["--batch-size-per-gpu", "8", "--max-steps", "2"])
+    out = capsys.readouterr().out
+    assert "stopped mid-epoch with 8 steps per epoch, this run has 4: epoch 0 restarts" in out
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["global_step"] == 2
