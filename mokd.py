@@ -1067,16 +1067,16 @@ class Monitor:  # DEVIATION: DINO / the authors check loss.item() every step (a 
         event = torch.cuda.Event() if self.device.type == "cuda" else None
         if event is not None:
             event.record()
-        self.pending, prev = (step, v, event), self.pending
+        self.pending, prev = (step, v, event, time.time()), self.pending
         return self.read(prev) if prev is not None else None
 
     def read(self, item):
-        """(step, host tensor, event) -> (step, {name: mean over ranks}, stop flag)."""
-        step, v, event = item
+        """(step, host tensor, event, time) -> (step, {name: mean over ranks}, stop flag, time the step was queued)."""
+        step, v, event, t = item
         if event is not None:
             event.synchronize()
         vals = (v / self.world).tolist()
-        return step, dict(zip(self.KEYS, vals[:-1])), vals[-1] > 0
+        return step, dict(zip(self.KEYS, vals[:-1])), vals[-1] > 0, t
 
     def flush(self):
         item, self.pending = self.pending, None
@@ -1190,10 +1190,11 @@ def train(cfg, rank, world, device):
     def handle(item):  # check one step's reduced values: non-finite stop, logging
         if item is None:
             return False
-        step, vals, stop_flag = item
+        step, vals, stop_flag, t = item
         check_finite(step, vals, last_ckpt)
+        state["imgs"] += cfg["batch_size_per_gpu"] * world  # images of the steps checked since the last record
         if rank == 0 and (step % cfg["log_every"] == 0 or step == total_steps - 1):
-            log_step(cfg, log, step, niter, vals, S, state, total_steps, device)
+            log_step(cfg, log, step, niter, vals, S, state, total_steps, device, t)
         return stop_flag
 
     def save(epoch, it):
@@ -1216,7 +1217,7 @@ def train(cfg, rank, world, device):
                     n_bad += int(bad.sum())
                     step = epoch * niter + it
                     values = run.step(crops, epoch, step, S)
-                    state["step"], state["imgs"] = step + 1, state["imgs"] + len(crops[0]) * world
+                    state["step"] = step + 1
                     stopping = handle(monitor.push(values, step, stop.requested))
                     if stopping or state["step"] >= total_steps:
                         break
@@ -1244,8 +1245,7 @@ def train(cfg, rank, world, device):
     return run
 
 
-def log_step(cfg, log, step, niter, vals, S, state, total_steps, device):
-    now = time.time()
+def log_step(cfg, log, step, niter, vals, S, state, total_steps, device, now):
     epoch = step // niter
     rec = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in vals.items()},
            "lr_a": float(S["a"]["main"][0][step]), "lr_b": float(S["b"]["main"][0][step]),
