@@ -109,7 +109,10 @@ class Folder(torchvision.datasets.ImageFolder):
     """ImageFolder that converts any mode to RGB and names an unreadable file in its error."""
 
     def __init__(self, root, transform):
-        super().__init__(root, transform=transform, loader=self.read)
+        try:
+            super().__init__(root, transform=transform, loader=self.read)
+        except (FileNotFoundError, OSError) as err:  # e.g. a class folder without images
+            raise MOKDError(f"{root}: {err}") from None
 
     @staticmethod
     def read(path):

@@ -326,7 +326,7 @@ class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
     """ImageFolder whose samples are (crops, n_bad); unreadable files are skipped or stop the run (--bad-images)."""
 
     def __init__(self, root, transform, seed, bad_images):
-        super().__init__(root, loader=Image.open)
+        super().__init__(root, loader=Image.open, allow_empty=True)  # labels are unused: an empty class is fine
         self.aug, self.seed, self.bad_images = transform, seed, bad_images
 
     def load(self, index):
