@@ -197,6 +197,11 @@ def feature_stride(arch, cfg):
     return 8 if cfg["stem"] == "cifar" else 32
 
 
+def flag(key):
+    """cfg key -> its command-line flag (lam_a -> --lambda-a)."""
+    return "--" + key.replace("lam_", "lambda_").replace("_", "-")
+
+
 def validate_config(cfg, world_size):
     """Refuse impossible settings before anything is built (one message naming the flag)."""
     def bad(msg):
@@ -205,29 +210,22 @@ def validate_config(cfg, world_size):
         bad("--device cuda was requested but no CUDA device is available")
     if cfg["device"] == "cpu" and cfg["precision"] == "fp16":
         bad("--precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
-    for name in ("patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads", "epochs",
-                 "batch_size_per_gpu", "global_crop_size", "local_crop_size", "log_every",
-                 "head_hidden_dim", "bottleneck_dim", "benchmark_steps"):
-        if not isinstance(cfg[name], int) or cfg[name] < 1:
-            bad(f"--{name.replace('_', '-')} must be a positive integer, got {cfg[name]!r}")
-    for name in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "num_workers",
-                 "cross_warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs_a", "warmup_teacher_temp_epochs_b"):
-        if cfg[name] < 0:
-            bad(f"--{name.replace('_', '-')} must be >= 0, got {cfg[name]}")
-    if cfg["max_steps"] is not None and cfg["max_steps"] < 1:
-        bad(f"--max-steps must be >= 1, got {cfg['max_steps']}")
-    for m in "ab":
-        for k in ("lr", "min_lr", "weight_decay", "weight_decay_end", "lam", "clip_grad"):
-            v = cfg[f"{k}_{m}"]
-            if not math.isfinite(v) or v < 0:
-                flag = f"--{k.replace('_', '-').replace('lam', 'lambda')}-{m}"
-                bad(f"{flag} must be a finite number >= 0, got {v}")
-    for k in ("thead_lr", "thead_min_lr", "thead_weight_decay", "thead_weight_decay_end", "drop_path"):
+    for k in ("patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads", "epochs", "batch_size_per_gpu",
+              "global_crop_size", "local_crop_size", "log_every", "head_hidden_dim", "bottleneck_dim",
+              "benchmark_steps", "synthetic_size", "knn_images") + (("max_steps",) if cfg["max_steps"] is not None else ()):
+        if cfg[k] < 1:
+            bad(f"{flag(k)} must be a positive integer, got {cfg[k]}")
+    for k in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "num_workers",
+              "cross_warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs_a", "warmup_teacher_temp_epochs_b"):
+        if cfg[k] < 0:
+            bad(f"{flag(k)} must be >= 0, got {cfg[k]}")
+    for k in [f"{k}_{m}" for m in "ab" for k in ("lr", "min_lr", "weight_decay", "weight_decay_end", "lam", "clip_grad")] + \
+            ["thead_lr", "thead_min_lr", "thead_weight_decay", "thead_weight_decay_end", "drop_path"]:
         if not math.isfinite(cfg[k]) or cfg[k] < 0:
-            bad(f"--{k.replace('_', '-')} must be a finite number >= 0, got {cfg[k]}")
+            bad(f"{flag(k)} must be a finite number >= 0, got {cfg[k]}")
     for k in ("warmup_teacher_temp", "teacher_temp"):
         if not math.isfinite(cfg[k]) or cfg[k] <= 0:
-            bad(f"--{k.replace('_', '-')} must be a positive temperature, got {cfg[k]}")
+            bad(f"{flag(k)} must be a positive temperature, got {cfg[k]}")
     if not 0 <= cfg["momentum_teacher"] <= 1:
         bad(f"--momentum-teacher must lie in [0, 1], got {cfg['momentum_teacher']}")
     if cfg["drop_path"] >= 1:
@@ -235,7 +233,7 @@ def validate_config(cfg, world_size):
     for k in ("global_crops_scale", "local_crops_scale"):
         lo, hi = cfg[k]
         if not 0 < lo <= hi <= 1:
-            bad(f"--{k.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+            bad(f"{flag(k)} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
     if cfg["local_crops_number"] == 0 and (cfg["lam_a"] > 0 or cfg["lam_b"] > 0):
         # L_ct searches with local-crop queries: without local crops the cross terms are incomplete.
         bad("--local-crops-number 0 leaves L_ct without queries; give local crops or set --lambda-a 0 --lambda-b 0")
@@ -246,9 +244,9 @@ def validate_config(cfg, world_size):
         for k in ("global_crop_size", "local_crop_size"):
             size = cfg[k]
             if family(arch) == "vit" and size % s:
-                bad(f"--{k.replace('_', '-')} {size} is not divisible by --patch-size {s} (model {m.upper()}, {arch})")
+                bad(f"{flag(k)} {size} is not divisible by --patch-size {s} (model {m.upper()}, {arch})")
             if size < s:
-                bad(f"--{k.replace('_', '-')} {size} is smaller than model {m.upper()}'s ({arch}, stem "
+                bad(f"{flag(k)} {size} is smaller than model {m.upper()}'s ({arch}, stem "
                     f"{cfg['stem']}) downsampling factor {s}: no feature map would remain")
     has_bn = any(family(cfg[f"arch_{m}"]) == "resnet" for m in "ab")
     if has_bn and cfg["batch_size_per_gpu"] < 2 and not (cfg["device"] == "cuda" and world_size > 1):
