@@ -664,18 +664,25 @@ def test_exact_resume_at_epoch_end_and_mid_epoch(tmp_path, workers):
             assert torch.equal(full[k], resumed[k]), (stop, k)
 
 
-def test_sigterm_saves_and_relaunch_resumes(tmp_path):
-    out = tmp_path / "o"
+def sigterm_run(out, launcher):
+    """Start a long run, wait until it logs a step, send SIGTERM; return (process, stdout, stderr)."""
+    import time
     args = [os.path.join(HERE, "mokd.py"), *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--epochs", "50",
             "--log-every", "1", "--output-dir", str(out)]
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import time
+    proc = subprocess.Popen(launcher + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "log.jsonl").exists():
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(subprocess.signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
+    return proc, stdout, stderr, args
+
+
+def test_sigterm_saves_and_relaunch_resumes(tmp_path):
+    out = tmp_path / "o"
+    proc, stdout, stderr, args = sigterm_run(out, [sys.executable])
     assert proc.returncode == 0, stderr[-2000:]
     assert "stopped by signal" in stdout
     ck = torch.load(out / "checkpoint.pth", weights_only=True)
@@ -743,3 +750,13 @@ def test_resume_mid_epoch_with_another_batch_restarts_the_epoch(tmp_path, capsys
     out = capsys.readouterr().out
     assert "stopped mid-epoch with 8 steps per epoch, this run has 4: epoch 0 restarts" in out
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["global_step"] == 2
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path):
+    """torchrun forwards SIGTERM to its workers: both finish the same step and rank 0 saves."""
+    out = tmp_path / "o"
+    proc, stdout, stderr, _ = sigterm_run(out, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                "--nproc_per_node=2"])
+    assert "stopped by signal" in stdout, stderr[-2000:]
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ck["global_step"] > 0 and len(ck["rng"]) == 2
