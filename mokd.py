@@ -1180,10 +1180,14 @@ def train(cfg, rank, world, device):
             json.dump({"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
                        "python": platform.python_version(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                        else platform.processor() or platform.machine(), "argv": sys.argv}, f, indent=1)
+    done = start_epoch * niter + start_it
+    if done >= total_steps and cfg["max_steps"] is not None:  # relaunch of a run that reached --max-steps
+        say(rank, f"{resume} is already at step {done} (--max-steps {cfg['max_steps']}): nothing to do")
+        return None
     monitor, stop = Monitor(world, device), StopRequest()
     last_ckpt = resume
     log = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
-    state = {"step": start_epoch * niter + start_it, "t0": time.time(), "t_log": time.time(), "imgs": 0, "start": start_epoch * niter + start_it}
+    state = {"step": done, "t0": time.time(), "t_log": time.time(), "imgs": 0, "start": done}
 
     def handle(item):  # check one step's reduced values: non-finite stop, logging
         if item is None:
@@ -1223,8 +1227,8 @@ def train(cfg, rank, world, device):
                 raise MOKDError(worker_error_message(e)) from None
             if n_bad:
                 print(f"warning: epoch {epoch} (rank {rank}): {n_bad} unreadable images were skipped", file=sys.stderr)
-            done = state["step"] - epoch * niter
-            save(epoch + 1, 0) if done >= niter else save(epoch, done)
+            in_epoch = state["step"] - epoch * niter
+            save(epoch + 1, 0) if in_epoch >= niter else save(epoch, in_epoch)
             if stopping:
                 say(rank, f"stopped by signal after step {state['step']}; relaunch the same command to resume")
                 return None

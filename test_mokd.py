@@ -655,6 +655,7 @@ def test_exact_resume_at_epoch_end_and_mid_epoch(tmp_path, workers):
     for stop in ("8", "5"):  # 8 steps per epoch: stop at the epoch boundary, and in the middle of epoch 0
         out = str(tmp_path / f"stop{stop}")
         mokd.main(base + ["--max-steps", stop, "--output-dir", out])
+        mokd.main(base + ["--max-steps", stop, "--output-dir", out])  # the same command again: nothing to do
         part, ck = checkpoint_tensors(os.path.join(out, "checkpoint.pth"))
         assert ck["global_step"] == int(stop)
         mokd.main(base + ["--output-dir", out])  # plain relaunch resumes
