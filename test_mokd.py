@@ -761,3 +761,34 @@ def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path):
     assert "stopped by signal" in stdout, stderr[-2000:]
     ck = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ck["global_step"] > 0 and len(ck["rng"]) == 2
+
+
+def test_model_losses_wire_each_term_to_the_right_tensors():
+    """L_sm, L_st on X's own teacher with X's schedule; L_cm on Y's teacher and L_ct on the search, cross schedule."""
+    g = torch.Generator().manual_seed(0)
+    B, n, K = 3, 2, 11
+    r = lambda rows: torch.randn(rows, K, generator=g, dtype=torch.float64)  # noqa: E731
+    s = {"m": r((2 + n) * B), "t": r((2 + n) * B)}
+    t_self, t_other, srch = {"m": r(2 * B), "t": r(2 * B)}, {"m": r(2 * B), "t": r(2 * B)}, r(n * B)
+    c = mokd.Centres(K).double()
+    for k in ("sm_a", "st_a", "cm_a"):
+        getattr(c, k).normal_(generator=g)
+    total, L = mokd.model_losses("a", "b", s, t_self, t_other, srch, c, 0.05, 0.06, 0.3)
+    assert L["L_sm"] == mokd.dino_loss(s["m"], t_self["m"], c.sm_a, 0.05)
+    assert L["L_st"] == mokd.dino_loss(s["t"], t_self["t"], c.st_a, 0.05)
+    assert L["L_cm"] == mokd.dino_loss(s["m"], t_other["m"], c.cm_a, 0.06)
+    assert L["L_ct"] == mokd.cross_entropy(s["t"][2 * B:], srch, 0.06)
+    assert total == L["L_sm"] + L["L_st"] + 0.3 * (L["L_cm"] + L["L_ct"])
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_query_is_the_spec_feature(arch):
+    """CNN: mean of the T-head's projected tokens; ViT: the CLS token after the final norm (width d = 192: no projection)."""
+    cfg = make_cfg(arch, arch, "--thead-dim", "192", "--thead-heads", "4")
+    model = mokd.MOKDModel(arch, cfg, True).eval()
+    crops = make_crops()
+    with torch.no_grad():
+        out = model(torch.cat(crops[:2]), torch.cat(crops[2:]))
+        pooled, tokens, _ = model.backbone(torch.cat(crops[2:]))
+        expected = model.thead.proj(tokens).mean(1) if arch == "resnet18" else pooled
+    torch.testing.assert_close(out["query"], expected, rtol=1e-4, atol=1e-5)
