@@ -28,6 +28,7 @@ Departures from the authors' code are tagged `DEVIATION:` and listed in README.m
 import argparse
 import copy
 import datetime
+import gc
 import json
 import math
 import os
@@ -339,7 +340,7 @@ class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
     def __getitem__(self, key):
         epoch, index = key  # from EpochSampler
         n_bad = 0
-        for attempt in range(len(self.samples)):
+        for attempt in range(min(len(self.samples), 50)):  # 50 unreadable files in a row: the data is broken
             try:
                 img = self.load((index + attempt) % len(self.samples))
                 break
@@ -349,7 +350,8 @@ class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
                 print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
                 n_bad += 1
         else:
-            raise MOKDError(f"no image under {self.root} could be read")
+            raise MOKDError(f"{n_bad} unreadable images in a row from {self.samples[index][0]} on: is --data-path "
+                            f"{self.root!r} corrupt? (each is named in a warning above)")
         return seeded(self.aug, img, self.seed, epoch, index), n_bad
 
 
@@ -1108,8 +1110,16 @@ def make_loader(cfg, rank, world, device):
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size_per_gpu"], sampler=sampler, num_workers=w,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          generator=torch.Generator().manual_seed(cfg["seed"]),  # not the global RNG
+                                         worker_init_fn=quiet_worker,
                                          persistent_workers=w > 0, prefetch_factor=4 if w > 0 else None)
     return ds, sampler, loader
+
+
+def quiet_worker(_):
+    """DataLoader workers leave Ctrl-C (SIGINT to the whole process group) to the main process, which stops them
+    after its checkpoint; SIGTERM keeps its default so that a worker can always be terminated."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def worker_error_message(e):
@@ -1366,7 +1376,11 @@ def export_backbone(path, model, out):
     state = {k[len(prefix):]: v for k, v in ckpt["models"][model]["teacher"].items() if k.startswith(prefix)}
     meta = {"arch": arch, "patch_size": cfg["patch_size"], "stem": cfg["stem"], "image_size": cfg["global_crop_size"],
             "source": os.path.basename(path)}
-    atomic_save({"state_dict": state, "meta": meta}, out)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        atomic_save({"state_dict": state, "meta": meta}, out)
+    except OSError as e:
+        raise MOKDError(f"--out {out!r} cannot be written: {e.strerror or e}") from None
     print(f"exported the teacher backbone of model {model.upper()} ({arch}) to {out}")
 
 
@@ -1387,12 +1401,17 @@ def main(argv=None):
             if cfg["benchmark"]:
                 return benchmark(cfg, device) if rank == 0 else None
             train(cfg, rank, world, device)
+            return None
         finally:
             if is_dist():
                 dist.destroy_process_group()
     except MOKDError as e:
-        print(f"error{f' [rank {rank}]' if 'RANK' in os.environ else ''}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        error = str(e)
+    # Exit outside the except block: the traceback and the DataLoader it holds are released (and collected)
+    # first, so that worker processes shut down normally.
+    gc.collect()
+    print(f"error{f' [rank {rank}]' if 'RANK' in os.environ else ''}: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
