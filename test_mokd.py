@@ -792,3 +792,14 @@ def test_query_is_the_spec_feature(arch):
         pooled, tokens, _ = model.backbone(torch.cat(crops[2:]))
         expected = model.thead.proj(tokens).mean(1) if arch == "resnet18" else pooled
     torch.testing.assert_close(out["query"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_folder_of_only_broken_files_stops_cleanly(tmp_path):
+    """Skip mode gives up after a run of unreadable files, in a subprocess with workers: exit 2, no hang, no traceback."""
+    root = tmp_path / "data" / "c"
+    root.mkdir(parents=True)
+    for i in range(8):
+        (root / f"{i}.jpg").write_text("not an image")
+    r = run_cli([*TINY, "--arch-b", "vit_tiny", "--data-path", str(tmp_path / "data"), "--num-workers", "2",
+                 "--batch-size-per-gpu", "2", "--output-dir", str(tmp_path / "o")], timeout=120)
+    assert r.returncode == 2 and "unreadable images in a row" in r.stderr and "Traceback" not in r.stderr
