@@ -1235,6 +1235,10 @@ def train(cfg, rank, world, device):
                         break
             except MOKDError as e:  # raised here, or in a worker (then it carries the worker's traceback text)
                 raise MOKDError(worker_error_message(e)) from None
+            except RuntimeError:  # a scheduler's SIGTERM to the whole process group also killed the workers
+                if not (stop.requested and world == 1):
+                    raise
+                stopping = True  # the model is at the end of a complete step: save it
             if n_bad:
                 print(f"warning: epoch {epoch} (rank {rank}): {n_bad} unreadable images were skipped", file=sys.stderr)
             in_epoch = state["step"] - epoch * niter

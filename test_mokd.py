@@ -665,18 +665,22 @@ def test_exact_resume_at_epoch_end_and_mid_epoch(tmp_path, workers):
             assert torch.equal(full[k], resumed[k]), (stop, k)
 
 
-def sigterm_run(out, launcher):
-    """Start a long run, wait until it logs a step, send SIGTERM; return (process, stdout, stderr)."""
+def sigterm_run(out, launcher, group=False, extra=()):
+    """Start a long run, wait until it logs a step, send SIGTERM (to the process, or to its whole process group
+    as some schedulers do); return (process, stdout, stderr, args)."""
     import time
     args = [os.path.join(HERE, "mokd.py"), *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--epochs", "50",
-            "--log-every", "1", "--output-dir", str(out)]
+            "--log-every", "1", "--output-dir", str(out), *extra]
     proc = subprocess.Popen(launcher + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=group)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "log.jsonl").exists():
         time.sleep(0.2)
     time.sleep(1.0)
-    proc.send_signal(subprocess.signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, subprocess.signal.SIGTERM)
+    else:
+        proc.send_signal(subprocess.signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     return proc, stdout, stderr, args
 
@@ -803,3 +807,10 @@ def test_a_folder_of_only_broken_files_stops_cleanly(tmp_path):
     r = run_cli([*TINY, "--arch-b", "vit_tiny", "--data-path", str(tmp_path / "data"), "--num-workers", "2",
                  "--batch-size-per-gpu", "2", "--output-dir", str(tmp_path / "o")], timeout=120)
     assert r.returncode == 2 and "unreadable images in a row" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_to_the_process_group_with_workers_still_saves(tmp_path):
+    out = tmp_path / "o"
+    proc, stdout, stderr, _ = sigterm_run(out, [sys.executable], group=True, extra=("--num-workers", "2"))
+    assert proc.returncode == 0 and "stopped by signal" in stdout, stderr[-2000:]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["global_step"] > 0
