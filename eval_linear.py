@@ -6,8 +6,8 @@
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint ... --model a --train-path T --val-path V
     python eval_linear.py --backbone resnet18_a.pth --knn ...   # a backbone written by `mokd.py --export`
 
-Architecture, patch size, stem and crop size come from the checkpoint. Loading is strict. The last line of
-output is one JSON object with every accuracy.
+Architecture, patch size, stem and crop size come from the checkpoint. Loading is strict; an unreadable image
+stops the evaluation with its path. The last line of output is one JSON object with every accuracy.
 """
 import argparse
 import hashlib
@@ -268,7 +268,8 @@ def evaluate(args):
     lin = None
     if args.knn:
         if rank == 0:
-            res = mokd.knn_classify(train_f, train_y, val_f, val_y, args.nb_knn, args.temperature, C)
+            res = mokd.knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
+                                    args.temperature, C)
             result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3)} for k, (a, b) in res.items()}
     elif args.cached_features:
         if rank == 0:

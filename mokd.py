@@ -1293,7 +1293,8 @@ def peak_memory_mb(device):
 @torch.no_grad()
 def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, num_classes=None, chunk=256):
     """Weighted k-NN (DINO): cosine similarity of L2-normalised features, vote weights exp(s / T).
-    Returns {k: (top1 %, top5 %)}. Any number of train / test images; memory bounded by `chunk`."""
+    Returns {k: (top1 %, top5 %)}. Any number of train / test images; memory bounded by `chunk`.
+    Runs on the features' device (a GPU for ImageNet-sized banks)."""
     train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
     C = num_classes or int(max(train_y.max(), test_y.max())) + 1
     hits = {k: [0, 0] for k in ks}
@@ -1302,7 +1303,7 @@ def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, num_classes
         sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(kmax, dim=1)  # (n, kmax)
         w, labels, y = (sim / T).exp(), train_y[idx], test_y[i:i + chunk]
         for k in ks:
-            votes = torch.zeros(len(y), C).scatter_add_(1, labels[:, :k], w[:, :k])  # (n, C)
+            votes = torch.zeros(len(y), C, device=w.device).scatter_add_(1, labels[:, :k], w[:, :k])  # (n, C)
             top = votes.topk(min(5, C), dim=1).indices
             hits[k][0] += (top[:, 0] == y).sum().item()
             hits[k][1] += (top == y[:, None]).any(1).sum().item()
