@@ -126,7 +126,7 @@ def build_parser():
                          ("warmup-teacher-temp-epochs", int), ("lambda", float), ("clip-grad", float)):
             a(f"--{key}-{m}", type=typ, default=None, dest=f"{key.replace('-', '_').replace('lambda', 'lam')}_{m}",
               help=f"model {m.upper()}: family default (peak lr is scaled by global batch / 256)")
-        a(f"--norm-last-layer-{m}", type=str2bool, default=None, help="freeze weight_g of the last layers")
+        a(f"--norm-last-layer-{m}", type=str2bool, default=None, help="freeze weight_g of the MLP head's last layer (family default)")
     a("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
     a("--teacher-temp", type=float, default=0.07, help="final teacher temperature")
     a("--cross-warmup-teacher-temp-epochs", type=int, default=30, help="warm-up of the cross terms' temperature")
@@ -634,7 +634,7 @@ class THead(nn.Module):
     optionally prepend a query token, 3 transformer blocks + LayerNorm, mean over tokens (query dropped),
     weight-normalised Linear(d, K). embed() and run() are split so the search embeds g1 once and tiles it."""
 
-    def __init__(self, in_dim, dim, grid, out_dim, depth, heads, norm_last_layer):
+    def __init__(self, in_dim, dim, grid, out_dim, depth, heads):
         super().__init__()
         # DEVIATION: any pair of backbones; a Linear when widths differ (= the authors' 1x1 conv on a CNN map).
         self.proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)  # identity when widths match
@@ -644,7 +644,7 @@ class THead(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(trunc_normal_init)
-        self.last_layer = weight_normed_last_layer(dim, out_dim, norm_last_layer)
+        self.last_layer = weight_normed_last_layer(dim, out_dim, freeze_norm=False)  # g always trains (spec)
 
     def embed(self, tokens, grid):
         """(N, h*w, C) backbone tokens -> (N, h*w, d) projected and position-embedded."""
@@ -673,8 +673,8 @@ class MOKDModel(nn.Module):
         self.head = DINOHead(C, cfg["out_dim"], norm_last_layer, cfg["head_hidden_dim"], cfg["bottleneck_dim"])
         s = feature_stride(arch, cfg)
         grid = (cfg["global_crop_size"] // s,) * 2
-        self.thead = THead(C, cfg["thead_dim"], grid, cfg["out_dim"], cfg["thead_depth"], cfg["thead_heads"],
-                           norm_last_layer) if with_thead else None
+        self.thead = THead(C, cfg["thead_dim"], grid, cfg["out_dim"], cfg["thead_depth"],
+                           cfg["thead_heads"]) if with_thead else None
 
     def forward(self, global_crops, local_crops=None):
         """global_crops (2B, 3, G, G), local_crops (nB, 3, l, l) or None. Returns a dict:

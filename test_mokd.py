@@ -244,9 +244,11 @@ def test_last_layers_frozen_in_epoch_0_and_trained_after():
     run.step(make_crops(), 1, 12, S)
     assert not torch.equal(last["a"]["head.last_layer.parametrizations.weight.original1"],
                            run.students["a"].head.last_layer.parametrizations.weight.original1)
-    # norm_last_layer: weight_g frozen for the CNN (model B), trained for the ViT (model A) by default
+    # norm_last_layer: the MLP head's weight_g is frozen for the CNN (model B), trained for the ViT (model A) by
+    # default; the T-heads' weight_g always trains
     assert not run.students["b"].head.last_layer.parametrizations.weight.original0.requires_grad
     assert run.students["a"].head.last_layer.parametrizations.weight.original0.requires_grad
+    assert all(run.students[m].thead.last_layer.parametrizations.weight.original0.requires_grad for m in "ab")
 
 
 # ----------------------------------------------------------------------------- the whole objective
