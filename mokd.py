@@ -26,7 +26,6 @@ Run:
 Departures from the authors' code are tagged `DEVIATION:` and listed in README.md.
 """
 import argparse
-import copy
 import datetime
 import gc
 import json
