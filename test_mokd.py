@@ -816,3 +816,15 @@ def test_sigterm_to_the_process_group_with_workers_still_saves(tmp_path):
     proc, stdout, stderr, _ = sigterm_run(out, [sys.executable], group=True, extra=("--num-workers", "2"))
     assert proc.returncode == 0 and "stopped by signal" in stdout, stderr[-2000:]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["global_step"] > 0
+
+
+def test_eval_of_an_exported_backbone_equals_eval_of_the_checkpoint(trained, tmp_path, capsys):
+    out = str(tmp_path / "b.pth")
+    mokd.main(["--export", trained["ckpt"], "--model", "b", "--out", out])
+    common = ["--knn", "--train-path", trained["train"], "--val-path", trained["val"], "--num-workers", "0",
+              "--device", "cpu", "--nb-knn", "1", "3"]
+    results = []
+    for source in (["--backbone", out], ["--checkpoint", trained["ckpt"], "--model", "b"]):
+        eval_linear.main(source + common)
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn"])
+    assert results[0] == results[1]
