@@ -1146,6 +1146,33 @@ class StopRequest:
             signal.signal(s, h)
 
 
+def restore(run, saved, path, niter, rank, world):
+    """Load a checkpoint into the run and each rank's RNG; returns (epoch, step in epoch) to continue from."""
+    run.load(saved, path)
+    epoch, it = saved["epoch"], saved["step_in_epoch"]
+    if it and saved.get("steps_per_epoch") != niter:  # another global batch or dataset size
+        say(rank, f"warning: {path} stopped mid-epoch with {saved.get('steps_per_epoch')} steps per epoch, "
+                  f"this run has {niter}: epoch {epoch} restarts from its first step")
+        it = 0
+    rngs = saved["rng"]
+    if len(rngs) == world:
+        torch.set_rng_state(rngs[rank]["torch"])
+        if "cuda" in rngs[rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rngs[rank]["cuda"])
+    else:  # another number of processes: correct, not bit-identical
+        torch.manual_seed(run.cfg["seed"] + rank + 1000 * saved["global_step"])
+    say(rank, f"resumed from {path}: epoch {epoch}, step {it}/{niter}")
+    return epoch, it
+
+
+def write_run_info(cfg, world, device):
+    """config.json: the resolved config, versions, hardware and command line."""
+    with open(os.path.join(cfg["output_dir"], "config.json"), "w") as f:
+        json.dump({"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                   "python": platform.python_version(), "device": torch.cuda.get_device_name(device)
+                   if device.type == "cuda" else platform.processor() or platform.machine(), "argv": sys.argv}, f, indent=1)
+
+
 def train(cfg, rank, world, device):
     out = cfg["output_dir"]
     ckpt_path = os.path.join(out, "checkpoint.pth")
@@ -1162,33 +1189,17 @@ def train(cfg, rank, world, device):
     run = Run(cfg, device, world)
     niter = sampler.steps
     S = build_schedules(cfg, niter, world)
-    start_epoch, start_it = 0, 0
-    if saved is not None:
-        run.load(saved, resume)
-        start_epoch, start_it = saved["epoch"], saved["step_in_epoch"]
-        if start_it and saved.get("steps_per_epoch") != niter:  # another global batch or dataset size
-            say(rank, f"warning: {resume} stopped mid-epoch with {saved.get('steps_per_epoch')} steps per epoch, "
-                      f"this run has {niter}: epoch {start_epoch} restarts from its first step")
-            start_it = 0
-        rngs = saved["rng"]
-        if len(rngs) == world:
-            torch.set_rng_state(rngs[rank]["torch"])
-            if "cuda" in rngs[rank] and device.type == "cuda":
-                torch.cuda.set_rng_state(rngs[rank]["cuda"])
-        else:
-            torch.manual_seed(cfg["seed"] + rank + 1000 * saved["global_step"])
-        say(rank, f"resumed from {resume}: epoch {start_epoch}, step {start_it}/{niter}")
+    if saved:
+        start_epoch, start_it = restore(run, saved, resume, niter, rank, world)
         del saved
     else:
+        start_epoch, start_it = 0, 0
         torch.manual_seed(cfg["seed"] + rank)  # per-rank randomness (drop-path)
     total_steps = cfg["epochs"] * niter if cfg["max_steps"] is None else min(cfg["epochs"] * niter, cfg["max_steps"])
     demo = not cfg["data_path"] and total_steps == cfg["epochs"] * niter  # the demo reports k-NN before / after
     knn_before = demo_knn(run, cfg, device, rank) if demo and start_epoch == start_it == 0 else None
     if rank == 0:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                       "python": platform.python_version(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                       else platform.processor() or platform.machine(), "argv": sys.argv}, f, indent=1)
+        write_run_info(cfg, world, device)
     done = start_epoch * niter + start_it
     if done >= total_steps and cfg["max_steps"] is not None:  # relaunch of a run that reached --max-steps
         say(rank, f"{resume} is already at step {done} (--max-steps {cfg['max_steps']}): nothing to do")
