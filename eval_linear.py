@@ -21,7 +21,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torchvision import transforms as T
 
 import mokd
@@ -106,22 +105,13 @@ def checksum(module):
 
 
 class Folder(torchvision.datasets.ImageFolder):
-    """ImageFolder that converts any mode to RGB and names an unreadable file in its error."""
+    """ImageFolder that converts any mode to RGB and names an unreadable file in its error (mokd.read_rgb)."""
 
     def __init__(self, root, transform):
         try:
-            super().__init__(root, transform=transform, loader=self.read)
+            super().__init__(root, transform=transform, loader=mokd.read_rgb)
         except (FileNotFoundError, OSError) as err:  # e.g. a class folder without images
             raise MOKDError(f"{root}: {err}") from None
-
-    @staticmethod
-    def read(path):
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return mokd.to_rgb(img)
-        except Exception as e:
-            raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- distributed feature extraction
@@ -163,6 +153,10 @@ def extract(feat, dataset, args, device, rank, world):
 def accuracy(logits, y):
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     return round(100.0 * (top[:, 0] == y).sum().item() / len(y), 3), round(100.0 * (top == y[:, None]).any(1).sum().item() / len(y), 3)
+
+
+def probe_result(best, last):
+    return {"best_top1": best[0], "best_top5": best[1], "last_top1": last[0], "last_top5": last[1]}
 
 
 def make_linear(dim, num_classes):
@@ -273,14 +267,14 @@ def evaluate(args):
             result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3)} for k, (a, b) in res.items()}
     elif args.cached_features:
         if rank == 0:
-            lin, best, last = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr)
-            result["linear"] = {"best_top1": best[0], "best_top5": best[1], "last_top1": last[0], "last_top5": last[1]}
+            lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr)
+            result["linear"] = probe_result(*acc)
     else:
         aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
-        lin, best, last = train_linear_full(feat, Folder(args.train_path, aug), (val_f, val_y), args, lr, device,
-                                            rank, world, C, val_f.shape[1])
-        result["linear"] = {"best_top1": best[0], "best_top5": best[1], "last_top1": last[0], "last_top5": last[1]}
+        lin, *acc = train_linear_full(feat, Folder(args.train_path, aug), (val_f, val_y), args, lr, device,
+                                      rank, world, C, val_f.shape[1])
+        result["linear"] = probe_result(*acc)
     if checksum(bb) != before:
         raise MOKDError("the frozen backbone changed during evaluation (checksum mismatch): this is a bug")
     result["backbone_unchanged"] = True

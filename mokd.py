@@ -50,7 +50,7 @@ from torchvision import transforms as T
 STUDENT_TEMP = 0.1
 CENTER_MOMENTUM = 0.9
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision; widths 512, 512, 2048
 VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 ARCHS = sorted(RESNETS) + sorted(VITS)
 LOSS_NAMES = ("L_sm", "L_st", "L_cm", "L_ct")
@@ -320,28 +320,29 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def read_rgb(path):
+    """Open an image file as RGB; any failure becomes a MOKDError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except Exception as e:  # PIL raises many types for broken files
+        raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
 class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
     """ImageFolder whose samples are (crops, n_bad); unreadable files are skipped or stop the run (--bad-images)."""
 
     def __init__(self, root, transform, seed, bad_images):
-        super().__init__(root, loader=Image.open, allow_empty=True)  # labels are unused: an empty class is fine
+        super().__init__(root, loader=read_rgb, allow_empty=True)  # labels are unused: an empty class is fine
         self.aug, self.seed, self.bad_images = transform, seed, bad_images
-
-    def load(self, index):
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return to_rgb(img)
-        except Exception as e:  # PIL raises many types for broken files
-            raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
     def __getitem__(self, key):
         epoch, index = key  # from EpochSampler
         n_bad = 0
         for attempt in range(min(len(self.samples), 50)):  # 50 unreadable files in a row: the data is broken
             try:
-                img = self.load((index + attempt) % len(self.samples))
+                img = self.loader(self.samples[(index + attempt) % len(self.samples)][0])
                 break
             except MOKDError as e:  # DEVIATION: the authors' loader crashes the worker on a broken file
                 if self.bad_images == "error":
@@ -755,10 +756,10 @@ class Centres(nn.Module):
         """c <- 0.9 c + 0.1 mean over the global batch of t; teachers: {name: (2B, K)}. One all-reduce."""
         names = list(teachers)
         sums = torch.stack([teachers[k].float().sum(0) for k in names])  # (n, K)
-        count = torch.tensor(float(len(teachers[names[0]])), device=sums.device)
+        count = len(teachers[names[0]])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
-            count = count * dist.get_world_size()
+            count *= dist.get_world_size()
         for k, s in zip(names, sums):
             getattr(self, k).mul_(CENTER_MOMENTUM).add_(s / count, alpha=1 - CENTER_MOMENTUM)
 
@@ -964,7 +965,7 @@ class Run:
 
     def __init__(self, cfg, device, world, with_thead=True):
         self.cfg, self.device, self.world = cfg, device, world
-        self.students, self.teachers, self.opts, self.scalers = {}, {}, {}, {}
+        self.students, self.teachers, self.opts, self.scalers, self.last_layers = {}, {}, {}, {}, {}
         for m in "ab":
             arch = cfg[f"arch_{m}"]
             student = MOKDModel(arch, cfg, cfg[f"norm_last_layer_{m}"], cfg["drop_path"], with_thead)
@@ -985,6 +986,7 @@ class Run:
             if cfg["compile"]:
                 student, teacher = torch.compile(student), torch.compile(teacher)
             self.students[m], self.teachers[m] = student, teacher
+            self.last_layers[m] = [p for k, p in student.named_parameters() if "last_layer" in k]
         self.centres = Centres(cfg["out_dim"]).to(device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg["precision"]]
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -1023,9 +1025,8 @@ class Run:
             scaler.unscale_(opt)
             clip_per_tensor(student.parameters(), self.cfg[f"clip_grad_{m}"])
             if epoch < self.cfg["freeze_last_layer"]:  # last layers of both heads stay fixed in epoch 0
-                for name, p in student.named_parameters():
-                    if "last_layer" in name:
-                        p.grad = None
+                for p in self.last_layers[m]:
+                    p.grad = None
             scaler.step(opt)
             scaler.update()
         self.centres.update(new_teacher_outputs)  # after the loss, as DINO
@@ -1059,7 +1060,7 @@ class Monitor:  # DEVIATION: DINO / the authors check loss.item() every step (a 
         self.world, self.device, self.pending = world, device, None
 
     def push(self, values, step, stop_requested):
-        v = torch.cat([values.float(), torch.tensor([float(stop_requested)], device=values.device)])
+        v = torch.cat([values.float(), values.new_full((1,), float(stop_requested), dtype=torch.float32)])
         if self.world > 1:
             dist.all_reduce(v)
         v = v.to("cpu", non_blocking=True)
