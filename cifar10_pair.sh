@@ -38,14 +38,24 @@ if [ "$status" -ne 0 ]; then
 fi
 echo "training took $(( $(date +%s) - start )) s" | tee "$out/times.txt"
 
+# The four teachers are evaluated at once (small models: they share one device); each extracts its features once
+# for both the k-NN and the cached-feature probe.
+evals=()
 for run in mokd independent; do
     for m in a b; do
         python "$here/eval_linear.py" --checkpoint "$out/$run/checkpoint.pth" --model "$m" --knn --nb-knn 20 200 \
-            --temperature 0.07 --train-path "$data/train" --val-path "$data/test" --batch-size-per-gpu 512 \
-            | tail -n 1 | sed "s/^/{\"run\": \"$run\", \"eval\": /; s/\$/}/" >> "$out/eval.jsonl"
-        python "$here/eval_linear.py" --checkpoint "$out/$run/checkpoint.pth" --model "$m" --cached-features \
-            --epochs 100 --train-path "$data/train" --val-path "$data/test" --batch-size-per-gpu 512 \
-            | tail -n 1 | sed "s/^/{\"run\": \"$run\", \"eval\": /; s/\$/}/" >> "$out/eval.jsonl"
+            --temperature 0.07 --cached-features --epochs 100 --train-path "$data/train" --val-path "$data/test" \
+            --batch-size-per-gpu 512 > "$out/eval_${run}_$m.log" 2>&1 &
+        evals+=($!)
+    done
+done
+for p in "${evals[@]}"; do
+    wait "$p" || { echo "an evaluation failed; see $out/eval_*.log" >&2; tail -n 5 "$out"/eval_*.log >&2; exit 1; }
+done
+rm -f "$out/eval.jsonl"
+for run in mokd independent; do
+    for m in a b; do
+        tail -n 1 "$out/eval_${run}_$m.log" | sed "s/^/{\"run\": \"$run\", \"eval\": /; s/\$/}/" >> "$out/eval.jsonl"
     done
 done
 echo "total $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
@@ -55,8 +65,7 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 print(f"{'run':<12}{'model':<10}{'k-NN k=20':>10}{'k=200':>8}{'linear':>8}")
 for run in ("independent", "mokd"):
     for arch in sorted({r["eval"]["arch"] for r in rows}):
-        rs = [r["eval"] for r in rows if r["run"] == run and r["eval"]["arch"] == arch]
-        knn = next(r["knn"] for r in rs if "knn" in r)
-        lin = next((r["linear"]["best_top1"] for r in rs if "linear" in r), float("nan"))
+        r = next(r["eval"] for r in rows if r["run"] == run and r["eval"]["arch"] == arch)
+        knn, lin = r["knn"], r["linear"]["best_top1"]
         print(f"{run:<12}{arch:<10}{knn['20']['top1']:>10.2f}{knn['200']['top1']:>8.2f}{lin:>8.2f}")
 PY

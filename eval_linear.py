@@ -37,7 +37,8 @@ def build_parser():
     a("--which", default="teacher", choices=["teacher", "student"], help="teacher (default, as DINO) or student")
     a("--train-path", required=True, help="ImageFolder tree of training images")
     a("--val-path", required=True, help="ImageFolder tree of validation images")
-    a("--knn", action="store_true", help="k-NN evaluation instead of the linear probe")
+    a("--knn", action="store_true", help="k-NN evaluation instead of the linear probe (with --cached-features: both, "
+      "from one feature extraction)")
     a("--nb-knn", type=int, nargs="+", default=[10, 20, 100, 200], help="k values")
     a("--temperature", type=float, default=0.07, help="k-NN vote weights exp(similarity / T)")
     a("--cached-features", action="store_true", help="linear probe on features extracted once, without augmentation")
@@ -169,6 +170,7 @@ def make_linear(dim, num_classes):
 def train_linear_cached(train_f, train_y, val_f, val_y, num_classes, args, lr):
     """The DINO probe on fixed features: SGD momentum 0.9, no weight decay, cosine lr to 0."""
     g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the layer's initialisation too: a rerun gives the same probe
     lin = make_linear(train_f.shape[1], num_classes)
     opt = torch.optim.SGD(lin.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     steps = args.epochs * math.ceil(len(train_f) / args.batch_size_per_gpu)
@@ -250,7 +252,8 @@ def evaluate(args):
     if train_eval.classes != val.classes:
         raise MOKDError(f"--train-path and --val-path have different class folders: {train_eval.classes} vs {val.classes}")
     C = len(train_eval.classes)
-    result = {"mode": "knn" if args.knn else ("linear_cached" if args.cached_features else "linear"),
+    mode = "+".join(n for n, on in (("knn", args.knn), ("linear_cached", args.cached_features)) if on) or "linear"
+    result = {"mode": mode,
               "model": args.model if args.checkpoint else None, "which": args.which if args.checkpoint else None,
               "arch": arch, "checkpoint": source, "train_size": len(train_eval), "val_size": len(val),
               "num_classes": C}
@@ -265,11 +268,11 @@ def evaluate(args):
             res = mokd.knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
                                     args.temperature, C)
             result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3)} for k, (a, b) in res.items()}
-    elif args.cached_features:
+    if args.cached_features:
         if rank == 0:
             lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr)
             result["linear"] = probe_result(*acc)
-    else:
+    if not (args.knn or args.cached_features):
         aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
         lin, *acc = train_linear_full(feat, Folder(args.train_path, aug), (val_f, val_y), args, lr, device,
@@ -294,9 +297,10 @@ def evaluate(args):
 def print_table(r):
     print(f"{r['arch']} ({r['checkpoint']}, model {r['model']}, {r['which']}): {r['train_size']} train / "
           f"{r['val_size']} val images, {r['num_classes']} classes")
-    rows = ([(f"k-NN k={k}", v["top1"], v["top5"]) for k, v in r["knn"].items()] if "knn" in r else
-            [("linear best", r["linear"]["best_top1"], r["linear"]["best_top5"]),
-             ("linear last", r["linear"]["last_top1"], r["linear"]["last_top5"])])
+    rows = [(f"k-NN k={k}", v["top1"], v["top5"]) for k, v in r.get("knn", {}).items()]
+    if "linear" in r:
+        rows += [("linear best", r["linear"]["best_top1"], r["linear"]["best_top5"]),
+                 ("linear last", r["linear"]["last_top1"], r["linear"]["last_top5"])]
     print(f"{'protocol':<14}{'top-1':>8}{'top-5':>8}")
     for name, a, b in rows:
         print(f"{name:<14}{a:>8.2f}{b:>8.2f}")

@@ -124,7 +124,7 @@ def build_parser():
         for key, typ in (("lr", float), ("min-lr", float), ("weight-decay", float), ("weight-decay-end", float),
                          ("warmup-teacher-temp-epochs", int), ("lambda", float), ("clip-grad", float)):
             a(f"--{key}-{m}", type=typ, default=None, dest=f"{key.replace('-', '_').replace('lambda', 'lam')}_{m}",
-              help=f"model {m.upper()}: family default (peak lr is scaled by global batch / 256)")
+              help=f"model {m.upper()}: family default" + (" (scaled by global batch / 256)" if "lr" in key else ""))
         a(f"--norm-last-layer-{m}", type=str2bool, default=None, help="freeze weight_g of the MLP head's last layer (family default)")
     a("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
     a("--teacher-temp", type=float, default=0.07, help="final teacher temperature")

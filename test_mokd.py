@@ -456,6 +456,17 @@ def test_eval_end_to_end_knn_cached_and_full_probe(trained, capsys):
     assert os.path.exists(trained["root"] / "eval" / "eval_linear_a_linear.pth")
 
 
+def test_eval_knn_and_cached_probe_in_one_call_equal_separate_calls(trained, capsys):
+    common = ["--checkpoint", trained["ckpt"], "--model", "b", "--train-path", trained["train"], "--val-path",
+              trained["val"], "--num-workers", "0", "--device", "cpu", "--batch-size-per-gpu", "4", "--epochs", "2"]
+    out = {}
+    for name, extra in (("knn", ["--knn"]), ("cached", ["--cached-features"]), ("both", ["--knn", "--cached-features"])):
+        eval_linear.main(common + extra)
+        out[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["both"]["mode"] == "knn+linear_cached"
+    assert out["both"]["knn"] == out["knn"]["knn"] and out["both"]["linear"] == out["cached"]["linear"]
+
+
 def test_eval_knn_two_processes_equal_one(trained, tmp_path):
     args = ["--checkpoint", trained["ckpt"], "--model", "b", "--knn", "--train-path", trained["train"], "--val-path",
             trained["val"], "--num-workers", "0", "--device", "cpu", "--batch-size-per-gpu", "4"]
