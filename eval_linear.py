@@ -167,17 +167,18 @@ def make_linear(dim, num_classes):
     return lin
 
 
-def train_linear_cached(train_f, train_y, val_f, val_y, num_classes, args, lr):
-    """The DINO probe on fixed features: SGD momentum 0.9, no weight decay, cosine lr to 0."""
+def train_linear_cached(train_f, train_y, val_f, val_y, num_classes, args, lr, device):
+    """The DINO probe on fixed features: SGD momentum 0.9, no weight decay, cosine lr to 0. Runs on `device`."""
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the layer's initialisation too: a rerun gives the same probe
-    lin = make_linear(train_f.shape[1], num_classes)
+    train_f, train_y, val_f, val_y = (x.to(device) for x in (train_f, train_y, val_f, val_y))
+    lin = make_linear(train_f.shape[1], num_classes).to(device)
     opt = torch.optim.SGD(lin.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     steps = args.epochs * math.ceil(len(train_f) / args.batch_size_per_gpu)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0)
     best, last = (0.0, 0.0), (0.0, 0.0)
     for _ in range(args.epochs):
-        for idx in torch.randperm(len(train_f), generator=g).split(args.batch_size_per_gpu):
+        for idx in torch.randperm(len(train_f), generator=g).to(device).split(args.batch_size_per_gpu):
             loss = F.cross_entropy(lin(train_f[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -270,7 +271,7 @@ def evaluate(args):
             result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3)} for k, (a, b) in res.items()}
     if args.cached_features:
         if rank == 0:
-            lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr)
+            lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr, device)
             result["linear"] = probe_result(*acc)
     if not (args.knn or args.cached_features):
         aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
