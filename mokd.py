@@ -845,21 +845,23 @@ def set_schedule(opt, sched, it):
 
 
 def clip_per_tensor(params, max_norm):
-    """DINO-style clipping: each gradient tensor's own norm is clipped to max_norm (no host sync)."""
+    """DINO-style clipping: each gradient tensor's own norm is clipped to max_norm. A handful of multi-tensor
+    kernels, not four per tensor (the small models of the CIFAR recipe are launch-bound on a GPU); no host sync."""
     grads = [p.grad for p in params if p.grad is not None]
     if max_norm <= 0 or not grads:
         return
-    for g, n in zip(grads, torch._foreach_norm(grads)):
-        g.mul_((max_norm / (n + 1e-6)).clamp(max=1.0))
+    scale = torch._foreach_norm(grads)  # per tensor: min(1, max_norm / (norm + 1e-6))
+    torch._foreach_add_(scale, 1e-6)
+    torch._foreach_reciprocal_(scale)
+    torch._foreach_mul_(scale, max_norm)
+    torch._foreach_clamp_max_(scale, 1.0)
+    torch._foreach_mul_(grads, scale)
 
 
 @torch.no_grad()
-def ema_update(student, teacher, m):
+def ema_update(student_params, teacher_params, m):
     """teacher <- m teacher + (1 - m) student, over all parameters (BatchNorm buffers are not averaged)."""
-    t = [p for p in teacher.parameters()]
-    s = [p.detach() for p in student.parameters()]
-    torch._foreach_mul_(t, m)
-    torch._foreach_add_(t, s, alpha=1.0 - m)
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
 
 
 # ======================================================================================
@@ -965,7 +967,7 @@ class Run:
 
     def __init__(self, cfg, device, world, with_thead=True):
         self.cfg, self.device, self.world = cfg, device, world
-        self.students, self.teachers, self.opts, self.scalers, self.last_layers = {}, {}, {}, {}, {}
+        self.students, self.teachers, self.opts, self.scalers, self.last_layers, self.params = {}, {}, {}, {}, {}, {}
         for m in "ab":
             arch = cfg[f"arch_{m}"]
             student = MOKDModel(arch, cfg, cfg[f"norm_last_layer_{m}"], cfg["drop_path"], with_thead)
@@ -987,6 +989,7 @@ class Run:
                 student, teacher = torch.compile(student), torch.compile(teacher)
             self.students[m], self.teachers[m] = student, teacher
             self.last_layers[m] = [p for k, p in student.named_parameters() if "last_layer" in k]
+            self.params[m] = [list(unwrap(x).parameters()) for x in (student, teacher)]  # (student, teacher) lists
         self.centres = Centres(cfg["out_dim"]).to(device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg["precision"]]
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -1023,7 +1026,7 @@ class Run:
             opt.zero_grad(set_to_none=True)
             scaler.scale(totals[m]).backward()
             scaler.unscale_(opt)
-            clip_per_tensor(student.parameters(), self.cfg[f"clip_grad_{m}"])
+            clip_per_tensor(self.params[m][0], self.cfg[f"clip_grad_{m}"])
             if epoch < self.cfg["freeze_last_layer"]:  # last layers of both heads stay fixed in epoch 0
                 for p in self.last_layers[m]:
                     p.grad = None
@@ -1031,7 +1034,7 @@ class Run:
             scaler.update()
         self.centres.update(new_teacher_outputs)  # after the loss, as DINO
         for m in "ab":
-            ema_update(unwrap(self.students[m]), unwrap(self.teachers[m]), float(S["momentum"][it]))
+            ema_update(*self.params[m], float(S["momentum"][it]))
         return torch.stack([terms[m][k].detach() for m in "ab" for k in LOSS_NAMES] + [e.detach() for e in ents])
 
     def state(self):

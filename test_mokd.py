@@ -131,13 +131,30 @@ def test_schedules_lengths_end_points_and_clamped_warmup(epochs, niter, warmup):
     assert tau[-1] == pytest.approx(0.04 if epochs == 1 and warmup >= 1 else 0.07)
 
 
-def test_ema_with_momentum_zero_and_one():
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=6), st.floats(0.1, 10.0))
+def test_clip_per_tensor_clips_each_gradient_to_its_own_norm(norms, max_norm):
+    params = [torch.nn.Parameter(torch.zeros(4)) for _ in norms]
+    for p, n in zip(params, norms):
+        p.grad = F.normalize(torch.arange(1.0, 5.0), dim=0) * n
+    before = [p.grad.clone() for p in params]
+    mokd.clip_per_tensor(params, max_norm)
+    for p, g, n in zip(params, before, norms):
+        expect = g * min(1.0, max_norm / (n + 1e-6))  # DINO: each tensor on its own, direction kept
+        torch.testing.assert_close(p.grad, expect, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_with_momentum_zero_one_and_between():
     s, t = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    before = [p.clone() for p in t.parameters()]
-    mokd.ema_update(s, t, 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(before, t.parameters()))
-    mokd.ema_update(s, t, 0.0)
-    assert all(torch.equal(a, b) for a, b in zip(s.parameters(), t.parameters()))
+    sp, tp = list(s.parameters()), list(t.parameters())
+    before = [p.clone() for p in tp]
+    mokd.ema_update(sp, tp, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, tp))
+    mokd.ema_update(sp, tp, 0.996)
+    for a, b, c in zip(tp, before, sp):
+        torch.testing.assert_close(a, 0.996 * b + 0.004 * c)
+    mokd.ema_update(sp, tp, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(sp, tp))
 
 
 # ----------------------------------------------------------------------------- modules
@@ -396,7 +413,7 @@ def test_linear_probe_reaches_100_on_separable_features():
     f = F.one_hot(y, 8).float() * 3 + 0.1 * torch.randn(60, 8, generator=g)
     args = eval_linear.build_parser().parse_args(["--train-path", "x", "--val-path", "x", "--epochs", "30",
                                                   "--batch-size-per-gpu", "16"])
-    _, best, last = eval_linear.train_linear_cached(f, y, f, y, 3, args, lr=0.5)
+    _, best, last = eval_linear.train_linear_cached(f, y, f, y, 3, args, 0.5, torch.device("cpu"))
     assert best[0] == 100.0 and last[0] == 100.0
 
 
