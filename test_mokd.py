@@ -316,6 +316,7 @@ def test_benchmark_mode_prints_json(capsys):
     cfg = make_cfg(benchmark_steps=1)
     summary = mokd.benchmark(cfg, torch.device("cpu"))
     assert summary["mokd"]["gflop_per_step"] > summary["independent"]["gflop_per_step"] > 0
+    assert summary["mokd"]["ops_per_step"] > summary["independent"]["ops_per_step"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["flop_ratio"] == summary["flop_ratio"]
 
 
