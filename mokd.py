@@ -681,14 +681,14 @@ class MOKDModel(nn.Module):
         """global_crops (2B, 3, G, G), local_crops (nB, 3, l, l) or None. Returns a dict:
         m (V*B, K) MLP-head logits, t (V*B, K) T-head logits, query (nB, d) detached local-crop queries,
         g1 (B, L, d) embedded tokens of global crop 1 (what the teacher's search attends over)."""
-        out, ms, ts = {}, [], []
+        out, pooled_all, ts = {}, [], []
         for i, x in enumerate((global_crops, local_crops)):
             if x is None or len(x) == 0:
                 continue
             if isinstance(self.backbone, ResNetBackbone) and x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             pooled, tokens, grid = self.backbone(x)  # (N, C), (N, h*w, C)
-            ms.append(self.head(pooled))
+            pooled_all.append(pooled)
             if self.thead is not None:
                 emb = self.thead.embed(tokens, grid)  # (N, h*w, d)
                 ts.append(self.thead.run(emb))
@@ -696,7 +696,7 @@ class MOKDModel(nn.Module):
                     out["g1"] = emb[: len(x) // 2]  # (B, h*w, d): crop-major, so rows [0, B) are g1
                 else:  # q_X: CNN = mean of projected tokens = proj(pooled); ViT = CLS (projected if widths differ)
                     out["query"] = self.thead.proj(pooled).detach()  # (nB, d), no gradient through the search
-        out["m"] = torch.cat(ms)  # (V*B, K)
+        out["m"] = self.head(torch.cat(pooled_all))  # (V*B, K): one head call for all crops, as DINO
         out["t"] = torch.cat(ts) if ts else None
         return out
 
