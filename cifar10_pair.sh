@@ -5,12 +5,14 @@
 #
 #   bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [extra mokd.py flags...]
 #   DATA_DIR holds train/ and test/ in ImageFolder layout (e.g. a copy of CIFAR-10 as JPEGs).
+#   PYTHON=/path/to/python picks the interpreter (default: python).
 set -euo pipefail
 data=${1:?usage: bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
 out=${2:?usage: bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
 epochs=${3:-100}
 shift $(( $# < 3 ? $# : 3 ))
 here=$(cd "$(dirname "$0")" && pwd)
+py=${PYTHON:-python}
 mkdir -p "$out"
 
 # The CIFAR-10 recipe (README, "CIFAR-10 recipe"). Warm-ups keep the authors' proportions of the run:
@@ -24,9 +26,9 @@ recipe=(--data-path "$data/train" --arch-a resnet18 --arch-b vit_tiny --patch-si
         --warmup-teacher-temp-epochs-b "$(pct 30)" --cross-warmup-teacher-temp-epochs "$(pct 30)" --log-every 20 "$@")
 
 start=$(date +%s)
-python "$here/mokd.py" "${recipe[@]}" --output-dir "$out/mokd" > "$out/mokd.log" 2>&1 &
+"$py" "$here/mokd.py" "${recipe[@]}" --output-dir "$out/mokd" > "$out/mokd.log" 2>&1 &
 p1=$!
-python "$here/mokd.py" "${recipe[@]}" --lambda-a 0 --lambda-b 0 --output-dir "$out/independent" > "$out/independent.log" 2>&1 &
+"$py" "$here/mokd.py" "${recipe[@]}" --lambda-a 0 --lambda-b 0 --output-dir "$out/independent" > "$out/independent.log" 2>&1 &
 p2=$!
 status=0
 wait $p1 || status=$?
@@ -43,7 +45,7 @@ echo "training took $(( $(date +%s) - start )) s" | tee "$out/times.txt"
 rm -f "$out/eval.jsonl"
 for run in mokd independent; do
     for m in a b; do
-        python "$here/eval_linear.py" --checkpoint "$out/$run/checkpoint.pth" --model "$m" --knn --nb-knn 20 200 \
+        "$py" "$here/eval_linear.py" --checkpoint "$out/$run/checkpoint.pth" --model "$m" --knn --nb-knn 20 200 \
             --temperature 0.07 --cached-features --epochs 100 --train-path "$data/train" --val-path "$data/test" \
             --batch-size-per-gpu 512 > "$out/eval_${run}_$m.log" 2>&1 \
             || { echo "evaluation of $run model $m failed; see $out/eval_${run}_$m.log" >&2; tail -n 5 "$out/eval_${run}_$m.log" >&2; exit 1; }
@@ -51,7 +53,7 @@ for run in mokd independent; do
     done
 done
 echo "total $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
-python - "$out/eval.jsonl" <<'PY'
+"$py" - "$out/eval.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 print(f"{'run':<12}{'model':<10}{'k-NN k=20':>10}{'k=200':>8}{'linear':>8}")

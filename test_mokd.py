@@ -321,6 +321,30 @@ def test_benchmark_mode_prints_json(capsys):
 
 
 # ----------------------------------------------------------------------------- integration
+def test_cifar10_pair_script_end_to_end(tmp_path):
+    """The paired experiment's one command on tiny data: two runs that differ only in lambda, four evaluations."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_folder(data / "train", 4, size=32)
+    make_folder(data / "test", 2, size=32, seed=1)
+    small = ["--batch-size-per-gpu", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32",
+             "--local-crops-number", "2", "--thead-depth", "1", "--num-workers", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", os.path.join(HERE, "cifar10_pair.sh"), str(data), str(out), "1", *small],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [json.loads(line) for line in open(out / "eval.jsonl")]
+    assert sorted((row["run"], row["eval"]["model"]) for row in rows) == [
+        ("independent", "a"), ("independent", "b"), ("mokd", "a"), ("mokd", "b")]
+    for row in rows:
+        ev = row["eval"]
+        assert ev["mode"] == "knn+linear_cached" and set(ev["knn"]) == {"20", "200"} and ev["train_size"] == 12
+    first = {run: json.loads(open(out / run / "log.jsonl").readline()) for run in ("mokd", "independent")}
+    for k in ("a.L_sm", "a.L_st", "b.L_sm", "b.L_st", "a.entropy", "b.entropy"):  # paired: same data, weights, crops
+        assert first["mokd"][k] == first["independent"][k], k
+    assert first["independent"]["a.L_cm"] is None and first["mokd"]["a.L_cm"] > 0  # lambda 0 vs the recipe's
+    assert "independent resnet18" in r.stdout and "mokd        vit_tiny" in r.stdout  # the table
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path):
     common = ["--arch-a", "vit_tiny", "--arch-b", "vit_tiny", *TINY, "--max-steps", "1", "--log-every", "1"]
     r2 = run_cli(common + ["--output-dir", str(tmp_path / "two")], nproc=2)
