@@ -30,9 +30,9 @@ start=$(date +%s)
 p1=$!
 "$py" "$here/mokd.py" "${recipe[@]}" --lambda-a 0 --lambda-b 0 --output-dir "$out/independent" > "$out/independent.log" 2>&1 &
 p2=$!
-status=0
-wait $p1 || status=$?
-wait $p2 || status=$?
+status=0  # the first run to fail stops the other (SIGTERM: it saves its checkpoint and exits)
+wait -n || { status=$?; kill "$p1" "$p2" 2>/dev/null || true; }
+wait -n || status=$(( status ? status : $? ))
 if [ "$status" -ne 0 ]; then
     echo "a training run failed; see $out/mokd.log and $out/independent.log" >&2
     tail -n 5 "$out/mokd.log" "$out/independent.log" >&2
@@ -40,8 +40,9 @@ if [ "$status" -ne 0 ]; then
 fi
 echo "training took $(( $(date +%s) - start )) s" | tee "$out/times.txt"
 
-# The four teachers one after another (on an H200 machine with 16 cores, four evaluations at once stalled for
-# over 8 minutes; one takes about 20 s there). Each extracts its features once for the k-NN and the probe.
+# The four teachers one after another: four at once stalled for over 8 minutes on a 16-core H200 machine (their
+# probes then ran on the CPU, oversubscribing its threads); one takes about 20 s there. Each extracts its features
+# once for the k-NN and the probe.
 rm -f "$out/eval.jsonl"
 for run in mokd independent; do
     for m in a b; do
@@ -58,8 +59,7 @@ import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 print(f"{'run':<12}{'model':<10}{'k-NN k=20':>10}{'k=200':>8}{'linear':>8}")
 for run in ("independent", "mokd"):
-    for arch in sorted({r["eval"]["arch"] for r in rows}):
-        r = next(r["eval"] for r in rows if r["run"] == run and r["eval"]["arch"] == arch)
+    for r in sorted((r["eval"] for r in rows if r["run"] == run), key=lambda e: e["model"]):
         knn, lin = r["knn"], r["linear"]["best_top1"]
-        print(f"{run:<12}{arch:<10}{knn['20']['top1']:>10.2f}{knn['200']['top1']:>8.2f}{lin:>8.2f}")
+        print(f"{run:<12}{r['arch']:<10}{knn['20']['top1']:>10.2f}{knn['200']['top1']:>8.2f}{lin:>8.2f}")
 PY

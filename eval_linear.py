@@ -187,7 +187,7 @@ def train_linear_cached(train_f, train_y, val_f, val_y, num_classes, args, lr, d
         with torch.no_grad():
             last = accuracy(lin(val_f), val_y)
         best = max(best, last)
-    return lin, best, last
+    return lin.cpu(), best, last
 
 
 def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, num_classes, dim):
@@ -201,7 +201,7 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
                                          shuffle=sampler is None, num_workers=args.num_workers, drop_last=False,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader), eta_min=0)
-    val_f, val_y = val_feats
+    val_f, val_y = val_feats[0].to(device), val_feats[1].to(device)
     best, last = (0.0, 0.0), (0.0, 0.0)
     for epoch in range(args.epochs):
         if sampler is not None:
@@ -218,7 +218,7 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
         except MOKDError as e:
             raise MOKDError(mokd.worker_error_message(e)) from None
         with torch.no_grad():
-            last = accuracy(lin(val_f.to(device)).cpu(), val_y)
+            last = accuracy(lin(val_f), val_y)
         best = max(best, last)
         mokd.say(rank, f"epoch {epoch + 1}/{args.epochs}: val top-1 {last[0]:.2f} top-5 {last[1]:.2f}")
     return lin.cpu(), best, last

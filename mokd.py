@@ -1373,7 +1373,7 @@ def benchmark(cfg, device):
         run = Run(c, device, 1, with_thead=thead)
         with FlopCounterMode(display=False) as fc:
             run.step(crops, ep, 0, S)
-        with OpCounter() as ops:  # on a GPU, small models are bound by launching kernels: ops, not FLOPs
+        with OpCounter() as ops:  # a second step: the first also creates the optimiser state
             run.step(crops, ep, 0, S)
         for i in range(3):  # warm-up
             run.step(crops, ep, i, S)

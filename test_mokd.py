@@ -3,13 +3,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings, strategies as st
+from PIL import Image
 
+import eval_linear
 import mokd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +39,11 @@ def make_run(cfg, seed=0):
     torch.manual_seed(seed)
     run = mokd.Run(cfg, torch.device("cpu"), 1)
     return run, mokd.build_schedules(cfg, 10, 1)
+
+
+def last_json(text):
+    """The JSON object on the last line of a program's output (mokd.py's demo and benchmark, eval_linear.py)."""
+    return json.loads(text.strip().splitlines()[-1])
 
 
 def run_cli(args, nproc=1, timeout=600):
@@ -317,7 +326,7 @@ def test_benchmark_mode_prints_json(capsys):
     summary = mokd.benchmark(cfg, torch.device("cpu"))
     assert summary["mokd"]["gflop_per_step"] > summary["independent"]["gflop_per_step"] > 0
     assert summary["mokd"]["ops_per_step"] > summary["independent"]["ops_per_step"] > 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["flop_ratio"] == summary["flop_ratio"]
+    assert last_json(capsys.readouterr().out)["flop_ratio"] == summary["flop_ratio"]
 
 
 # ----------------------------------------------------------------------------- integration
@@ -361,7 +370,7 @@ def test_demo_cli_mixed_pair_runs_and_reports_knn(tmp_path):
     r = run_cli(["--arch-a", "resnet18", "--arch-b", "vit_tiny", *TINY, "--epochs", "1", "--output-dir", str(tmp_path)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "synthetic" in r.stdout
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = last_json(r.stdout)
     assert set(res) == {"knn_top1_before", "knn_top1_after"}
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert {"a.entropy", "lr_a", "momentum", "tau_cross", "images_per_s", "peak_mem_mb"} <= set(log[0])
@@ -370,10 +379,6 @@ def test_demo_cli_mixed_pair_runs_and_reports_knn(tmp_path):
 
 
 # ============================================================================= eval_linear.py and export
-import eval_linear  # noqa: E402
-from PIL import Image  # noqa: E402
-
-
 def make_folder(root, n_per_class, size=16, seed=0):
     """Tiny ImageFolder of synthetic shapes (3 classes) written as PNG."""
     for c in range(3):
@@ -406,8 +411,6 @@ def brute_knn_top1(train_f, train_y, test_f, test_y, k, T, C):
         correct += int(np.argmax(votes) == int(y))
     return 100.0 * correct / len(test_f)
 
-
-import torch.nn.functional as F  # noqa: E402
 
 
 def test_knn_on_hand_made_features():
@@ -489,7 +492,7 @@ def test_eval_end_to_end_knn_cached_and_full_probe(trained, capsys):
     for extra in (["--model", "a", "--knn"], ["--model", "b", "--cached-features", "--epochs", "3"],
                   ["--model", "a", "--epochs", "1", "--output-dir", str(trained["root"] / "eval")]):
         eval_linear.main(common + extra)
-        last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        last = last_json(capsys.readouterr().out)
         assert last["train_size"] == 15 and last["val_size"] == 9 and last["backbone_unchanged"]
         if "--knn" in extra:
             assert set(last["knn"]) == {"10", "20", "100", "200"} and all(0 <= v["top1"] <= 100 for v in last["knn"].values())
@@ -504,7 +507,7 @@ def test_eval_knn_and_cached_probe_in_one_call_equal_separate_calls(trained, cap
     out = {}
     for name, extra in (("knn", ["--knn"]), ("cached", ["--cached-features"]), ("both", ["--knn", "--cached-features"])):
         eval_linear.main(common + extra)
-        out[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        out[name] = last_json(capsys.readouterr().out)
     assert out["both"]["mode"] == "knn+linear_cached"
     assert out["both"]["knn"] == out["knn"]["knn"] and out["both"]["linear"] == out["cached"]["linear"]
 
@@ -517,7 +520,7 @@ def test_eval_knn_two_processes_equal_one(trained, tmp_path):
     for pre in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
         r = subprocess.run(pre + [os.path.join(HERE, "eval_linear.py"), *args], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        outs.append(json.loads(r.stdout.strip().splitlines()[-1])["knn"])
+        outs.append(last_json(r.stdout)["knn"])
     assert outs[0] == outs[1]
 
 
@@ -723,7 +726,6 @@ def test_exact_resume_at_epoch_end_and_mid_epoch(tmp_path, workers):
 def sigterm_run(out, launcher, group=False, extra=()):
     """Start a long run, wait until it logs a step, send SIGTERM (to the process, or to its whole process group
     as some schedulers do); return (process, stdout, stderr, args)."""
-    import time
     args = [os.path.join(HERE, "mokd.py"), *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--epochs", "50",
             "--log-every", "1", "--output-dir", str(out), *extra]
     proc = subprocess.Popen(launcher + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -756,7 +758,6 @@ def test_one_rank_failing_ends_the_torchrun_job(tmp_path):
     root = tmp_path / "data"
     make_folder(root, 3)
     (root / "class1" / "broken.jpg").write_bytes(b"GIF89a broken")
-    import time
     t0 = time.time()
     r = run_cli([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--data-path", str(root), "--bad-images",
                  "error", "--batch-size-per-gpu", "2", "--output-dir", str(tmp_path / "o")], nproc=2, timeout=300)
@@ -879,5 +880,5 @@ def test_eval_of_an_exported_backbone_equals_eval_of_the_checkpoint(trained, tmp
     results = []
     for source in (["--backbone", out], ["--checkpoint", trained["ckpt"], "--model", "b"]):
         eval_linear.main(source + common)
-        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn"])
+        results.append(last_json(capsys.readouterr().out)["knn"])
     assert results[0] == results[1]
