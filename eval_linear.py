@@ -24,7 +24,8 @@ import torchvision
 from torchvision import transforms as T
 
 import mokd
-from mokd import MOKDError
+import mokd_infra
+from mokd_infra import MOKDError
 
 
 def build_parser():
@@ -44,7 +45,7 @@ def build_parser():
     a("--cached-features", action="store_true", help="linear probe on features extracted once, without augmentation")
     a("--n-last-blocks", type=int, default=None, help="ViT: concatenate the CLS tokens of the last n blocks "
       "(default 4 for vit_tiny/vit_small, 1 for vit_base)")
-    a("--avgpool-patchtokens", type=mokd.str2bool, default=None, help="ViT: append the mean patch token "
+    a("--avgpool-patchtokens", type=mokd_infra.str2bool, default=None, help="ViT: append the mean patch token "
       "(default true for vit_base only)")
     a("--epochs", type=int, default=100, help="linear-probe epochs")
     a("--lr", type=float, default=None, help="base lr, scaled by global batch / 256 (default 0.01 CNN, 0.001 ViT)")
@@ -62,13 +63,13 @@ def load_backbone(args):
     if bool(args.checkpoint) == bool(args.backbone):
         raise MOKDError("give exactly one of --checkpoint and --backbone")
     if args.checkpoint:
-        ckpt = mokd.load_checkpoint(args.checkpoint)
+        ckpt = mokd_infra.load_checkpoint(args.checkpoint)
         cfg = ckpt["config"]
         arch = cfg[f"arch_{args.model}"]
         state = {k[len("backbone."):]: v for k, v in ckpt["models"][args.model][args.which].items()
                  if k.startswith("backbone.")}
         bb = mokd.build_backbone(arch, cfg)
-        mokd.load_strict(bb, state, f"{args.checkpoint} (model {args.model}, {args.which})")
+        mokd_infra.load_strict(bb, state, f"{args.checkpoint} (model {args.model}, {args.which})")
         return bb.eval(), {**cfg, "arch": arch}, args.checkpoint
     try:
         obj = torch.load(args.backbone, map_location="cpu", weights_only=True)
@@ -79,7 +80,7 @@ def load_backbone(args):
     cfg = {"arch": meta["arch"], "patch_size": meta["patch_size"], "stem": meta["stem"],
            "global_crop_size": meta["image_size"]}
     bb = mokd.build_backbone(meta["arch"], cfg)
-    mokd.load_strict(bb.net if meta["arch"] in mokd.RESNETS else bb, state, args.backbone)
+    mokd_infra.load_strict(bb.net if meta["arch"] in mokd.RESNETS else bb, state, args.backbone)
     return bb.eval(), cfg, args.backbone
 
 
@@ -106,11 +107,11 @@ def checksum(module):
 
 
 class Folder(torchvision.datasets.ImageFolder):
-    """ImageFolder that converts any mode to RGB and names an unreadable file in its error (mokd.read_rgb)."""
+    """ImageFolder that converts any mode to RGB and names an unreadable file in its error (mokd_infra.read_rgb)."""
 
     def __init__(self, root, transform):
         try:
-            super().__init__(root, transform=transform, loader=mokd.read_rgb)
+            super().__init__(root, transform=transform, loader=mokd_infra.read_rgb)
         except (FileNotFoundError, OSError) as err:  # e.g. a class folder without images
             raise MOKDError(f"{root}: {err}") from None
 
@@ -128,7 +129,7 @@ def extract(feat, dataset, args, device, rank, world):
             fs.append(feat(x.to(device, non_blocking=True)).float())
             ys.append(y.to(device))
     except MOKDError as e:
-        raise MOKDError(mokd.worker_error_message(e)) from None
+        raise MOKDError(mokd_infra.worker_error_message(e)) from None
     f = torch.cat(fs) if fs else torch.zeros(0, 1, device=device)
     y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long, device=device)
     if world == 1:
@@ -216,18 +217,18 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
                 opt.step()
                 sched.step()
         except MOKDError as e:
-            raise MOKDError(mokd.worker_error_message(e)) from None
+            raise MOKDError(mokd_infra.worker_error_message(e)) from None
         with torch.no_grad():
             last = accuracy(lin(val_f), val_y)
         best = max(best, last)
-        mokd.say(rank, f"epoch {epoch + 1}/{args.epochs}: val top-1 {last[0]:.2f} top-5 {last[1]:.2f}")
+        mokd_infra.say(rank, f"epoch {epoch + 1}/{args.epochs}: val top-1 {last[0]:.2f} top-5 {last[1]:.2f}")
     return lin.cpu(), best, last
 
 
 # ----------------------------------------------------------------------------- main
 def evaluate(args):
-    mokd.check_image_folder(args.train_path, "--train-path")
-    mokd.check_image_folder(args.val_path, "--val-path")
+    mokd_infra.check_image_folder(args.train_path, "--train-path")
+    mokd_infra.check_image_folder(args.val_path, "--val-path")
     for flag, v in (("--epochs", args.epochs), ("--batch-size-per-gpu", args.batch_size_per_gpu)):
         if v < 1:
             raise MOKDError(f"{flag} must be >= 1, got {v}")
@@ -266,7 +267,7 @@ def evaluate(args):
     lin = None
     if args.knn:
         if rank == 0:
-            res = mokd.knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
+            res = mokd_infra.knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
                                     args.temperature, C)
             result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3)} for k, (a, b) in res.items()}
     if args.cached_features:
@@ -290,7 +291,7 @@ def evaluate(args):
             with open(os.path.join(args.output_dir, name + ".json"), "w") as f:
                 json.dump(result, f, indent=1)
             if lin is not None:
-                mokd.atomic_save(lin.state_dict(), os.path.join(args.output_dir, name + "_linear.pth"))
+                mokd_infra.atomic_save(lin.state_dict(), os.path.join(args.output_dir, name + "_linear.pth"))
         print(json.dumps(result), flush=True)
     return result
 
@@ -315,7 +316,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        if mokd.is_dist():
+        if mokd_infra.is_dist():
             dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 import eval_linear
 import mokd
+import mokd_infra
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--patch-size", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32", "--thead-dim", "48",
@@ -384,7 +385,7 @@ def make_folder(root, n_per_class, size=16, seed=0):
     for c in range(3):
         os.makedirs(root / f"class{c}", exist_ok=True)
         for i in range(n_per_class):
-            img, _ = mokd.draw_synthetic(c + 6 * i, seed, size)
+            img, _ = mokd_infra.draw_synthetic(c + 6 * i, seed, size)
             img.save(root / f"class{c}" / f"{i}.png")
     return str(root)
 
@@ -421,7 +422,7 @@ def test_knn_on_hand_made_features():
     # k=3, T=0.07. Point 1: neighbours (1,0) s=1 [class 0], two (0,1) s=0 [class 1]: exp(1/0.07) > 2 -> class 0
     # (a plain majority vote would say class 1). Point 2: two s=1 of class 1 -> 1. Point 3: (-1,0) s=1 -> class 2,
     # wrong. Top-1 = 2/3; top-5 covers all three classes = 100%.
-    res = mokd.knn_classify(train, labels, test, truth, ks=(3,), T=0.07, num_classes=3)
+    res = mokd_infra.knn_classify(train, labels, test, truth, ks=(3,), T=0.07, num_classes=3)
     assert res[3][0] == pytest.approx(200 / 3) and res[3][1] == 100.0
 
 
@@ -431,7 +432,7 @@ def test_knn_any_number_of_test_images(n_test):
     train_f, train_y = torch.randn(50, 8, generator=g), torch.randint(0, 4, (50,), generator=g)
     test_f, test_y = torch.randn(n_test, 8, generator=g), torch.randint(0, 4, (n_test,), generator=g)
     for k in (1, 20, 200):  # k larger than the training set is capped
-        res = mokd.knn_classify(train_f, train_y, test_f, test_y, ks=(k,), num_classes=4, chunk=3)
+        res = mokd_infra.knn_classify(train_f, train_y, test_f, test_y, ks=(k,), num_classes=4, chunk=3)
         assert res[k][0] == pytest.approx(brute_knn_top1(train_f, train_y, test_f, test_y, min(k, 50), 0.07, 4))
 
 
@@ -456,7 +457,7 @@ def test_strict_loading_names_the_key(trained, tmp_path, change):
     path = tmp_path / "bad.pth"
     torch.save(ckpt, path)
     args = eval_linear.build_parser().parse_args(["--checkpoint", str(path), "--model", "b", "--train-path", "x", "--val-path", "x"])
-    with pytest.raises(mokd.MOKDError, match="extra_weight" if change == "extra" else "norm.weight"):
+    with pytest.raises(mokd_infra.MOKDError, match="extra_weight" if change == "extra" else "norm.weight"):
         eval_linear.load_backbone(args)
 
 
@@ -599,7 +600,7 @@ def test_multicrop_any_size_and_mode(w, h, mode, n_local):
     else:
         img = Image.fromarray(arr).convert(mode)
     aug = mokd.MultiCropAugmentation(16, 8, n_local, (0.25, 1.0), (0.05, 0.25))
-    crops = aug(mokd.to_rgb(img))
+    crops = aug(mokd_infra.to_rgb(img))
     assert len(crops) == 2 + n_local
     assert all(c.shape == (3, 16, 16) for c in crops[:2]) and all(c.shape == (3, 8, 8) for c in crops[2:])
     assert all(torch.isfinite(c).all() for c in crops)
@@ -607,7 +608,7 @@ def test_multicrop_any_size_and_mode(w, h, mode, n_local):
 
 def test_sixteen_bit_images_keep_their_contrast():
     img = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
-    assert mokd.to_rgb(img).getpixel((1, 0)) == (255, 255, 255) and mokd.to_rgb(img).getpixel((0, 0)) == (0, 0, 0)
+    assert mokd_infra.to_rgb(img).getpixel((1, 0)) == (255, 255, 255) and mokd_infra.to_rgb(img).getpixel((0, 0)) == (0, 0, 0)
 
 
 def broken_folder(root):
@@ -669,13 +670,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
 
 def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
-    mokd.atomic_save({"v": torch.ones(3)}, path)
+    mokd_infra.atomic_save({"v": torch.ones(3)}, path)
 
     def fail(*a):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(mokd.os, "replace", fail)
     with pytest.raises(OSError):
-        mokd.atomic_save({"v": torch.zeros(3)}, path)
+        mokd_infra.atomic_save({"v": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
