@@ -6,6 +6,9 @@
 #   bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [extra mokd.py flags...]
 #   DATA_DIR holds train/ and test/ in ImageFolder layout (e.g. a copy of CIFAR-10 as JPEGs).
 #   PYTHON=/path/to/python picks the interpreter (default: python).
+#   TRAIN_DEADLINE_S=N stops both runs after N seconds of training (SIGTERM: each finishes its step, saves and
+#   exits), then evaluates what they reached: a guard for a fixed time budget. The runs may then differ in steps;
+#   the table reports each run's step count. N must exceed the runs' start-up (seconds), or they die unsaved.
 set -euo pipefail
 data=${1:?usage: bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
 out=${2:?usage: bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
@@ -30,9 +33,16 @@ start=$(date +%s)
 p1=$!
 "$py" "$here/mokd.py" "${recipe[@]}" --lambda-a 0 --lambda-b 0 --output-dir "$out/independent" > "$out/independent.log" 2>&1 &
 p2=$!
+watchdog=
+if [ -n "${TRAIN_DEADLINE_S:-}" ]; then
+    ( sleep "$TRAIN_DEADLINE_S"; echo "TRAIN_DEADLINE_S=$TRAIN_DEADLINE_S reached: stopping both runs" >&2
+      kill -TERM "$p1" "$p2" 2>/dev/null ) &
+    watchdog=$!
+fi
 status=0  # the first run to fail stops the other (SIGTERM: it saves its checkpoint and exits)
 wait -n || { status=$?; kill "$p1" "$p2" 2>/dev/null || true; }
 wait -n || status=$(( status ? status : $? ))
+[ -z "$watchdog" ] || kill "$watchdog" 2>/dev/null || true
 if [ "$status" -ne 0 ]; then
     echo "a training run failed; see $out/mokd.log and $out/independent.log" >&2
     tail -n 5 "$out/mokd.log" "$out/independent.log" >&2
@@ -54,12 +64,14 @@ for run in mokd independent; do
     done
 done
 echo "total $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
-"$py" - "$out/eval.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-print(f"{'run':<12}{'model':<10}{'k-NN k=20':>10}{'k=200':>8}{'linear':>8}")
+"$py" - "$out" <<'PY'
+import json, os, sys, torch
+out = sys.argv[1]
+rows = [json.loads(line) for line in open(os.path.join(out, "eval.jsonl"))]
+print(f"{'run':<12}{'model':<10}{'steps':>7}{'k-NN k=20':>10}{'k=200':>8}{'linear':>8}")
 for run in ("independent", "mokd"):
+    steps = torch.load(os.path.join(out, run, "checkpoint.pth"), map_location="cpu", weights_only=True)["global_step"]
     for r in sorted((r["eval"] for r in rows if r["run"] == run), key=lambda e: e["model"]):
         knn, lin = r["knn"], r["linear"]["best_top1"]
-        print(f"{run:<12}{r['arch']:<10}{knn['20']['top1']:>10.2f}{knn['200']['top1']:>8.2f}{lin:>8.2f}")
+        print(f"{run:<12}{r['arch']:<10}{steps:>7}{knn['20']['top1']:>10.2f}{knn['200']['top1']:>8.2f}{lin:>8.2f}")
 PY

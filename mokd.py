@@ -942,7 +942,8 @@ def make_loader(cfg, rank, world, device):
     return ds, sampler, loader
 
 
-def train(cfg, rank, world, device):
+def train(cfg, rank, world, device, stop):
+    """The training loop; `stop` (a StopRequest) is set by SIGTERM / SIGINT: finish the step, save, return."""
     out = cfg["output_dir"]
     ckpt_path = os.path.join(out, "checkpoint.pth")
     resume = cfg["resume"] or (ckpt_path if os.path.exists(ckpt_path) else None)
@@ -973,7 +974,7 @@ def train(cfg, rank, world, device):
     if done >= total_steps and cfg["max_steps"] is not None:  # relaunch of a run that reached --max-steps
         say(rank, f"{resume} is already at step {done} (--max-steps {cfg['max_steps']}): nothing to do")
         return None
-    monitor, stop = Monitor(MONITOR_KEYS, world, device), StopRequest()
+    monitor = Monitor(MONITOR_KEYS, world, device)
     last_ckpt = resume
     log = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
     state = {"step": done, "t0": time.time(), "t_log": time.time(), "imgs": 0, "start": done}
@@ -1031,7 +1032,6 @@ def train(cfg, rank, world, device):
                     return None
                 break
     finally:
-        stop.restore()
         if log:
             log.close()
     if rank == 0 and demo:
@@ -1146,7 +1146,11 @@ def main(argv=None):
         try:
             if cfg["benchmark"]:
                 return benchmark(cfg, device) if rank == 0 else None
-            train(cfg, rank, world, device)
+            stop = StopRequest()  # installed before anything is built: a signal during start-up still saves
+            try:
+                train(cfg, rank, world, device, stop)
+            finally:
+                stop.restore()
             return None
         finally:
             if is_dist():

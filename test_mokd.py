@@ -1,6 +1,7 @@
 """Tests for mokd.py and eval_linear.py: CPU only, tiny models, images made here. Run: python -m pytest -q"""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -352,7 +353,26 @@ def test_cifar10_pair_script_end_to_end(tmp_path):
     for k in ("a.L_sm", "a.L_st", "b.L_sm", "b.L_st", "a.entropy", "b.entropy"):  # paired: same data, weights, crops
         assert first["mokd"][k] == first["independent"][k], k
     assert first["independent"]["a.L_cm"] is None and first["mokd"]["a.L_cm"] > 0  # lambda 0 vs the recipe's
-    assert "independent resnet18" in r.stdout and "mokd        vit_tiny" in r.stdout  # the table
+    assert re.search(r"^independent resnet18 +3 ", r.stdout, re.M) and re.search(r"^mokd +vit_tiny +3 ", r.stdout, re.M)
+
+
+def test_cifar10_pair_script_deadline_stops_both_runs_then_evaluates(tmp_path):
+    """TRAIN_DEADLINE_S: both runs get SIGTERM mid-training, save, and the evaluation still runs."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_folder(data / "train", 4, size=32)
+    make_folder(data / "test", 2, size=32, seed=1)
+    small = ["--batch-size-per-gpu", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32",
+             "--local-crops-number", "2", "--thead-depth", "1", "--num-workers", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "TRAIN_DEADLINE_S": "20"}
+    r = subprocess.run(["bash", os.path.join(HERE, "cifar10_pair.sh"), str(data), str(out), "1000", *small],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "TRAIN_DEADLINE_S=20 reached" in r.stderr
+    assert len(open(out / "eval.jsonl").readlines()) == 4
+    for run in ("mokd", "independent"):
+        steps = torch.load(out / run / "checkpoint.pth", weights_only=True)["global_step"]
+        assert 0 < steps < 3000, (run, steps)  # stopped early, after at least one step
+        assert re.search(rf"^{run} +resnet18 +{steps} ", r.stdout, re.M), r.stdout
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
