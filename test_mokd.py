@@ -332,17 +332,23 @@ def test_benchmark_mode_prints_json(capsys):
 
 
 # ----------------------------------------------------------------------------- integration
-def test_cifar10_pair_script_end_to_end(tmp_path):
-    """The paired experiment's one command on tiny data: two runs that differ only in lambda, four evaluations."""
+def run_pair_script(tmp_path, epochs, **env):
+    """cifar10_pair.sh on 12 + 6 generated 32 px images with tiny heads, on the CPU; returns (result, out dir)."""
     data, out = tmp_path / "data", tmp_path / "out"
     make_folder(data / "train", 4, size=32)
     make_folder(data / "test", 2, size=32, seed=1)
     small = ["--batch-size-per-gpu", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32",
              "--local-crops-number", "2", "--thead-depth", "1", "--num-workers", "0", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-    r = subprocess.run(["bash", os.path.join(HERE, "cifar10_pair.sh"), str(data), str(out), "1", *small],
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
+    r = subprocess.run(["bash", os.path.join(HERE, "cifar10_pair.sh"), str(data), str(out), str(epochs), *small],
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r, out
+
+
+def test_cifar10_pair_script_end_to_end(tmp_path):
+    """The paired experiment's one command on tiny data: two runs that differ only in lambda, four evaluations."""
+    r, out = run_pair_script(tmp_path, 1)
     rows = [json.loads(line) for line in open(out / "eval.jsonl")]
     assert sorted((row["run"], row["eval"]["model"]) for row in rows) == [
         ("independent", "a"), ("independent", "b"), ("mokd", "a"), ("mokd", "b")]
@@ -358,15 +364,7 @@ def test_cifar10_pair_script_end_to_end(tmp_path):
 
 def test_cifar10_pair_script_deadline_stops_both_runs_then_evaluates(tmp_path):
     """TRAIN_DEADLINE_S: both runs get SIGTERM mid-training, save, and the evaluation still runs."""
-    data, out = tmp_path / "data", tmp_path / "out"
-    make_folder(data / "train", 4, size=32)
-    make_folder(data / "test", 2, size=32, seed=1)
-    small = ["--batch-size-per-gpu", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32",
-             "--local-crops-number", "2", "--thead-depth", "1", "--num-workers", "0", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "TRAIN_DEADLINE_S": "20"}
-    r = subprocess.run(["bash", os.path.join(HERE, "cifar10_pair.sh"), str(data), str(out), "1000", *small],
-                       capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r, out = run_pair_script(tmp_path, 1000, TRAIN_DEADLINE_S="20")
     assert "TRAIN_DEADLINE_S=20 reached" in r.stderr
     assert len(open(out / "eval.jsonl").readlines()) == 4
     for run in ("mokd", "independent"):
