@@ -65,7 +65,7 @@ for run in mokd independent; do
 done
 echo "total $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
 "$py" - "$out" <<'PY'
-import json, os, sys, torch
+import json, math, os, sys, torch
 out = sys.argv[1]
 rows = [json.loads(line) for line in open(os.path.join(out, "eval.jsonl"))]
 print(f"{'run':<12}{'model':<10}{'steps':>7}{'k-NN k=20':>10}{'k=200':>8}{'linear':>8}")
@@ -74,4 +74,16 @@ for run in ("independent", "mokd"):
     for r in sorted((r["eval"] for r in rows if r["run"] == run), key=lambda e: e["model"]):
         knn, lin = r["knn"], r["linear"]["best_top1"]
         print(f"{run:<12}{r['arch']:<10}{steps:>7}{knn['20']['top1']:>10.2f}{knn['200']['top1']:>8.2f}{lin:>8.2f}")
+# The loss curves: each term's mean over the logged steps of each epoch (cross terms are null with lambda 0).
+# Collapse shows as a teacher entropy (H) near log K; a healthy run stays well below it.
+K = json.load(open(os.path.join(out, "mokd", "config.json")))["config"]["out_dim"]
+keys = [f"{m}.{k}" for m in "ab" for k in ("L_sm", "L_st", "L_cm", "L_ct", "entropy")]
+print(f"\nper-epoch means from log.jsonl; H = teacher entropy, log K = {math.log(K):.3f}")
+print(f"{'run':<12}{'epoch':>5} | " + " ".join(f"{k.replace('entropy', 'H'):>7}" for k in keys))
+for run in ("independent", "mokd"):
+    recs = [json.loads(line) for line in open(os.path.join(out, run, "log.jsonl"))]
+    for ep in sorted({r["epoch"] for r in recs}):
+        rs = [r for r in recs if r["epoch"] == ep]
+        cells = [sum(r[k] for r in rs) / len(rs) if rs[0][k] is not None else None for k in keys]
+        print(f"{run:<12}{ep:>5} | " + " ".join(f"{c:>7.3f}" if c is not None else f"{'-':>7}" for c in cells))
 PY

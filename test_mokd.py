@@ -360,6 +360,12 @@ def test_cifar10_pair_script_end_to_end(tmp_path):
         assert first["mokd"][k] == first["independent"][k], k
     assert first["independent"]["a.L_cm"] is None and first["mokd"]["a.L_cm"] > 0  # lambda 0 vs the recipe's
     assert re.search(r"^independent resnet18 +3 ", r.stdout, re.M) and re.search(r"^mokd +vit_tiny +3 ", r.stdout, re.M)
+    curves = re.findall(r"^(independent|mokd) +0 \| (.*)$", r.stdout, re.M)  # the per-epoch loss table, epoch 0
+    assert [run for run, _ in curves] == ["independent", "mokd"]
+    cells = {run: row.split() for run, row in curves}
+    assert cells["independent"][2:4] == ["-", "-"] and all(c != "-" for c in cells["mokd"])  # L_cm, L_ct of A
+    recs = [json.loads(line) for line in open(out / "mokd" / "log.jsonl") if json.loads(line)["epoch"] == 0]
+    assert cells["mokd"][3] == f"{sum(r['a.L_ct'] for r in recs) / len(recs):.3f}"
 
 
 def test_cifar10_pair_script_deadline_stops_both_runs_then_evaluates(tmp_path):
