@@ -45,9 +45,9 @@ import torchvision
 from PIL import ImageFilter
 from torchvision import transforms as T
 
-from mokd_infra import (MOKDError, Monitor, OpCounter, StopRequest, atomic_save, check_finite, check_image_folder,
-                        draw_synthetic, export_backbone, gather_rng_states, is_dist, knn_classify, load_checkpoint,
-                        load_strict, peak_memory_mb, quiet_worker, read_rgb, say, str2bool, unwrap,
+from mokd_infra import (SYNTHETIC_CLASSES, MOKDError, Monitor, OpCounter, StopRequest, atomic_save, check_finite,
+                        check_image_folder, draw_synthetic, export_backbone, gather_rng_states, is_dist, knn_classify,
+                        load_checkpoint, load_strict, peak_memory_mb, quiet_worker, read_rgb, say, str2bool, unwrap,
                         worker_error_message, write_run_info)
 
 STUDENT_TEMP = 0.1
@@ -328,7 +328,7 @@ class ImageFolderMultiCrop(torchvision.datasets.ImageFolder):
 
 class SyntheticMultiCrop(torch.utils.data.Dataset):
     """The built-in demo dataset: `n` synthetic images (see draw_synthetic), optionally transformed."""
-    classes = ["disc", "ring", "square", "triangle", "cross", "stripes"]
+    classes = SYNTHETIC_CLASSES
 
     def __init__(self, n, size, seed, transform):
         self.n, self.size, self.seed, self.aug = n, size, seed, transform

@@ -76,6 +76,9 @@ def check_image_folder(path, flag="--data-path"):
     raise MOKDError(f"{flag} {path!r} has class folders but no image files ({', '.join(exts)})")
 
 
+SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes")  # draw_synthetic's labels 0-5
+
+
 def draw_synthetic(index, seed, size):
     """A procedurally drawn image of class index % 6: disc, ring, square, triangle, cross, stripes.
     Position, scale, colours and background noise are random; the class is the shape alone."""
