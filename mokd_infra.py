@@ -1,8 +1,9 @@
 """The plumbing around mokd.py: everything a training run needs that is not the method itself.
 
-Nothing here knows about MOKD's models or losses; mokd.py and eval_linear.py import from this file, never the
-other way round. Sections: errors and images | distributed helpers and checkpoints | guards of the training
-loop (non-finite losses, signals, DataLoader workers) | logging | k-NN | operation counting and export.
+Nothing here builds a model or computes a loss; mokd.py and eval_linear.py import from this file, never the
+other way round. Sections: errors and images (reading any file as RGB, the demo's synthetic shapes) | distributed
+helpers and checkpoints | guards of the training loop (non-finite losses, signals, DataLoader workers) |
+logging, k-NN, operation counting and backbone export.
 """
 import argparse
 import json
