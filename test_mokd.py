@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings, strategies as st
 from PIL import Image
+from torchvision import transforms as T
 
 import eval_linear
 import mokd
@@ -627,7 +628,15 @@ def test_multicrop_any_size_and_mode(w, h, mode, n_local):
     crops = aug(mokd_infra.to_rgb(img))
     assert len(crops) == 2 + n_local
     assert all(c.shape == (3, 16, 16) for c in crops[:2]) and all(c.shape == (3, 8, 8) for c in crops[2:])
-    assert all(torch.isfinite(c).all() for c in crops)
+    assert all(c.dtype == torch.uint8 for c in crops)
+
+
+def test_normalise_on_the_device_equals_totensor_normalize():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    reference = T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)(T.ToTensor()(img))  # DINO's workers
+    crops = [T.PILToTensor()(img)[None]] * 2  # (1, 3, 5, 7) uint8, as the loader batches them
+    out = mokd.normalise(crops, *mokd.image_stats(torch.device("cpu")))
+    assert all(o.dtype == torch.float32 and torch.equal(o[0], reference) for o in out)
 
 
 def test_sixteen_bit_images_keep_their_contrast():
