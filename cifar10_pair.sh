@@ -35,7 +35,10 @@ p1=$!
 p2=$!
 watchdog=
 if [ -n "${TRAIN_DEADLINE_S:-}" ]; then
-    ( sleep "$TRAIN_DEADLINE_S"; echo "TRAIN_DEADLINE_S=$TRAIN_DEADLINE_S reached: stopping both runs" >&2
+    # Killed early, the watchdog takes its sleep with it; the sleep never holds the caller's output pipes open.
+    ( trap 'kill $s 2>/dev/null; exit 0' TERM
+      sleep "$TRAIN_DEADLINE_S" </dev/null >/dev/null 2>&1 & s=$!; wait $s
+      echo "TRAIN_DEADLINE_S=$TRAIN_DEADLINE_S reached: stopping both runs" >&2
       kill -TERM "$p1" "$p2" 2>/dev/null ) &
     watchdog=$!
 fi

@@ -348,8 +348,9 @@ def run_pair_script(tmp_path, epochs, **env):
 
 
 def test_cifar10_pair_script_end_to_end(tmp_path):
-    """The paired experiment's one command on tiny data: two runs that differ only in lambda, four evaluations."""
-    r, out = run_pair_script(tmp_path, 1)
+    """The paired experiment's one command on tiny data: two runs that differ only in lambda, four evaluations.
+    An unfired TRAIN_DEADLINE_S watchdog must not hold the output pipes open (that would hang past the timeout)."""
+    r, out = run_pair_script(tmp_path, 1, TRAIN_DEADLINE_S="3000")
     rows = [json.loads(line) for line in open(out / "eval.jsonl")]
     assert sorted((row["run"], row["eval"]["model"]) for row in rows) == [
         ("independent", "a"), ("independent", "b"), ("mokd", "a"), ("mokd", "b")]
