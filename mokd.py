@@ -1099,7 +1099,8 @@ def demo_knn(run, cfg, device, rank):
 
 def benchmark(cfg, device):
     """Images/s, ms/step and peak memory of (a) full MOKD and (b) independent DINO training of the two models
-    (lambda 0, no T-heads, no search) on random tensors of the real crop shapes; plus a FLOP-count ratio."""
+    (lambda 0, no T-heads, no search) on random tensors of the real crop shapes; plus a FLOP-count ratio and,
+    with --data-path, the DataLoader's own images/s."""
     from torch.utils.flop_counter import FlopCounterMode
     B, n, G, l = cfg["batch_size_per_gpu"], cfg["local_crops_number"], cfg["global_crop_size"], cfg["local_crop_size"]
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -1131,6 +1132,9 @@ def benchmark(cfg, device):
                          "ops_per_step": ops.n}
         print(f"{name:12s} {results[name]}", flush=True)
         del run
+    if cfg["data_path"]:
+        results["loader"] = loader_throughput(cfg, device)
+        print(f"{'loader':12s} {results['loader']}", flush=True)
     ind, mk = results["independent"], results["mokd"]
     summary = {"benchmark": {k: cfg[k] for k in ("arch_a", "arch_b", "patch_size", "global_crop_size", "local_crop_size",
                                                   "local_crops_number", "batch_size_per_gpu", "out_dim", "precision", "compile")},
@@ -1140,6 +1144,26 @@ def benchmark(cfg, device):
                "ops_ratio": round(mk["ops_per_step"] / ind["ops_per_step"], 3)}
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def loader_throughput(cfg, device):
+    """Images/s the DataLoader delivers alone (read, multi-crop augmentation, collation, copy to the device) after
+    two batches of start-up: training is bound by the loader where this is below the step's images/s."""
+    _, sampler, loader = make_loader(cfg, 0, 1, device)
+    n = min(cfg["benchmark_steps"], sampler.steps - 2)
+    if n < 1:
+        raise MOKDError(f"--benchmark times the loader on {cfg['data_path']!r}: it needs at least 3 batches of "
+                        f"--batch-size-per-gpu {cfg['batch_size_per_gpu']}, the folder gives {sampler.steps}")
+    batches = iter(loader)
+    for _ in range(2):
+        next(batches)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        crops = [c.to(device, non_blocking=True) for c in next(batches)[0]]
+    crops[0].sum().item()  # wait for the copies
+    dt = (time.perf_counter() - t0) / n
+    return {"images_per_s": round(cfg["batch_size_per_gpu"] / dt, 2), "ms_per_batch": round(1000 * dt, 1),
+            "num_workers": cfg["num_workers"]}
 
 
 def main(argv=None):

@@ -324,12 +324,15 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     assert total < first
 
 
-def test_benchmark_mode_prints_json(capsys):
-    cfg = make_cfg(benchmark_steps=1)
+def test_benchmark_mode_prints_json(capsys, tmp_path):
+    cfg = make_cfg(benchmark_steps=1, data_path=make_folder(tmp_path / "data", 4))  # 12 images: 3 batches of 4
     summary = mokd.benchmark(cfg, torch.device("cpu"))
     assert summary["mokd"]["gflop_per_step"] > summary["independent"]["gflop_per_step"] > 0
     assert summary["mokd"]["ops_per_step"] > summary["independent"]["ops_per_step"] > 0
+    assert summary["loader"]["images_per_s"] > 0 and summary["loader"]["num_workers"] == 0
     assert last_json(capsys.readouterr().out)["flop_ratio"] == summary["flop_ratio"]
+    with pytest.raises(mokd.MOKDError, match="at least 3 batches"):  # 2 batches: nothing left to time
+        mokd.loader_throughput({**cfg, "batch_size_per_gpu": 6}, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- integration
