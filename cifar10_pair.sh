@@ -41,6 +41,7 @@ if [ -n "${TRAIN_DEADLINE_S:-}" ]; then
       echo "TRAIN_DEADLINE_S=$TRAIN_DEADLINE_S reached: stopping both runs" >&2
       kill -TERM "$p1" "$p2" 2>/dev/null ) &
     watchdog=$!
+    disown "$watchdog"  # out of the job table: `wait -n` below must wait for the two runs, not for the watchdog
 fi
 status=0  # the first run to fail stops the other (SIGTERM: it saves its checkpoint and exits)
 wait -n || { status=$?; kill "$p1" "$p2" 2>/dev/null || true; }

@@ -374,9 +374,24 @@ def test_cifar10_pair_script_end_to_end(tmp_path):
 
 
 def test_cifar10_pair_script_deadline_stops_both_runs_then_evaluates(tmp_path):
-    """TRAIN_DEADLINE_S: both runs get SIGTERM mid-training, save, and the evaluation still runs."""
-    r, out = run_pair_script(tmp_path, 1000, TRAIN_DEADLINE_S="20")
-    assert "TRAIN_DEADLINE_S=20 reached" in r.stderr
+    """TRAIN_DEADLINE_S: both runs get SIGTERM mid-training, save, and the evaluation runs only after both have
+    exited. The interpreter is wrapped to log events, and the independent run takes 5 s longer to exit."""
+    events, wrapper = tmp_path / "events.txt", tmp_path / "python.sh"
+    wrapper.write_text(f"""#!/usr/bin/env bash
+case "$*" in
+  *mokd.py*) {sys.executable} "$@" & child=$!
+             trap 'kill -TERM $child' TERM  # the pair script signals this wrapper: pass it on
+             while kill -0 $child 2>/dev/null; do wait $child; rc=$?; done
+             case "$*" in *independent*) sleep 5;; esac
+             echo "exit $rc" >> {events}; exit $rc;;
+  *eval_linear.py*) echo eval >> {events}; exec {sys.executable} "$@";;
+  *) exec {sys.executable} "$@";;
+esac
+""")
+    wrapper.chmod(0o755)
+    r, out = run_pair_script(tmp_path, 1000, TRAIN_DEADLINE_S="12", PYTHON=str(wrapper))
+    assert "TRAIN_DEADLINE_S=12 reached" in r.stderr
+    assert events.read_text().split("\n") == ["exit 0", "exit 0", "eval", "eval", "eval", "eval", ""]
     assert len(open(out / "eval.jsonl").readlines()) == 4
     for run in ("mokd", "independent"):
         steps = torch.load(out / run / "checkpoint.pth", weights_only=True)["global_step"]
