@@ -16,6 +16,10 @@ epochs=${3:-100}
 shift $(( $# < 3 ? $# : 3 ))
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python}
+if [ -n "${TRAIN_DEADLINE_S:-}" ] && ! [[ "$TRAIN_DEADLINE_S" =~ ^[0-9]+$ && "$TRAIN_DEADLINE_S" -gt 0 ]]; then
+    echo "error: TRAIN_DEADLINE_S must be a whole number of seconds > 0, got '$TRAIN_DEADLINE_S'" >&2
+    exit 2
+fi
 mkdir -p "$out"
 
 # The CIFAR-10 recipe (README, "CIFAR-10 recipe"). Warm-ups keep the authors' proportions of the run:

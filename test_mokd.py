@@ -373,6 +373,14 @@ def test_cifar10_pair_script_end_to_end(tmp_path):
     assert cells["mokd"][3] == f"{sum(r['a.L_ct'] for r in recs) / len(recs):.3f}"
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5"])
+def test_cifar10_pair_script_rejects_a_bad_deadline(tmp_path, value):
+    r = subprocess.run(["bash", os.path.join(HERE, "cifar10_pair.sh"), str(tmp_path), str(tmp_path / "out"), "1"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "TRAIN_DEADLINE_S": value})
+    assert r.returncode == 2 and f"TRAIN_DEADLINE_S must be a whole number of seconds > 0, got '{value}'" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
 def test_cifar10_pair_script_deadline_stops_both_runs_then_evaluates(tmp_path):
     """TRAIN_DEADLINE_S: both runs get SIGTERM mid-training, save, and the evaluation runs only after both have
     exited. The interpreter is wrapped to log events, and the independent run takes 5 s longer to exit."""
