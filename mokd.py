@@ -297,7 +297,7 @@ class MultiCropAugmentation:
 def normalise(crops, mean, std):
     """uint8 crops (B, 3, H, W) -> float32 (x / 255 - mean) / std, the arithmetic of ToTensor + Normalize
     (bit-identical, tested). mean, std: (1, 3, 1, 1) tensors on the crops' device, from image_stats."""
-    return [c.float().div_(255).sub_(mean).div_(std) for c in crops]
+    return [c.float().div(255).sub_(mean).div_(std) for c in crops]  # div: never in place on the input
 
 
 def image_stats(device):
