@@ -78,7 +78,8 @@ out = sys.argv[1]
 rows = [json.loads(line) for line in open(os.path.join(out, "eval.jsonl"))]
 print(f"{'run':<12}{'model':<10}{'steps':>7}{'k-NN k=20':>10}{'k=200':>8}{'linear':>8}")
 for run in ("independent", "mokd"):
-    steps = torch.load(os.path.join(out, run, "checkpoint.pth"), map_location="cpu", weights_only=True)["global_step"]
+    steps = torch.load(os.path.join(out, run, "checkpoint.pth"), map_location="cpu", weights_only=True,
+                       mmap=True)["global_step"]  # mmap: the weights are not read
     for r in sorted((r["eval"] for r in rows if r["run"] == run), key=lambda e: e["model"]):
         knn, lin = r["knn"], r["linear"]["best_top1"]
         print(f"{run:<12}{r['arch']:<10}{steps:>7}{knn['20']['top1']:>10.2f}{knn['200']['top1']:>8.2f}{lin:>8.2f}")

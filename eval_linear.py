@@ -268,7 +268,7 @@ def evaluate(args):
     if args.knn:
         if rank == 0:
             res = mokd_infra.knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
-                                    args.temperature, C)
+                                          args.temperature, C)
             result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3)} for k, (a, b) in res.items()}
     if args.cached_features:
         if rank == 0:

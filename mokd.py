@@ -295,9 +295,9 @@ class MultiCropAugmentation:
 
 
 def normalise(crops, mean, std):
-    """uint8 crops (B, 3, H, W) -> float32 (x / 255 - mean) / std, the arithmetic of ToTensor + Normalize
-    (bit-identical, tested). mean, std: (1, 3, 1, 1) tensors on the crops' device, from image_stats."""
-    return [c.float().div(255).sub_(mean).div_(std) for c in crops]  # div: never in place on the input
+    """A batch of uint8 crops (B, 3, H, W) -> on mean's device, float32 (x / 255 - mean) / std: the arithmetic of
+    ToTensor + Normalize (bit-identical, tested). mean, std: (1, 3, 1, 1) tensors from image_stats."""
+    return [c.to(mean.device, non_blocking=True).float().div(255).sub_(mean).div_(std) for c in crops]
 
 
 def image_stats(device):
@@ -1017,7 +1017,7 @@ def train(cfg, rank, world, device, stop):
             n_bad, stopping = 0, False
             try:
                 for it, (crops, bad) in enumerate(loader, start=sampler.start):
-                    crops = normalise([c.to(device, non_blocking=True) for c in crops], *stats)
+                    crops = normalise(crops, *stats)
                     n_bad += int(bad.sum())
                     step = epoch * niter + it
                     values = run.step(crops, epoch, step, S)
@@ -1147,9 +1147,10 @@ def benchmark(cfg, device):
 
 
 def loader_throughput(cfg, device):
-    """Images/s the DataLoader delivers alone (read, multi-crop augmentation, collation, copy to the device) after
-    two batches of start-up: training is bound by the loader where this is below the step's images/s."""
+    """Images/s the DataLoader delivers alone (read, multi-crop augmentation, collation, copy to the device and
+    normalisation) after two batches of start-up: training is loader-bound where this is below the step's images/s."""
     _, sampler, loader = make_loader(cfg, 0, 1, device)
+    stats = image_stats(device)
     n = min(cfg["benchmark_steps"], sampler.steps - 2)
     if n < 1:
         raise MOKDError(f"--benchmark times the loader on {cfg['data_path']!r}: it needs at least 3 batches of "
@@ -1159,8 +1160,8 @@ def loader_throughput(cfg, device):
         next(batches)
     t0 = time.perf_counter()
     for _ in range(n):
-        crops = [c.to(device, non_blocking=True) for c in next(batches)[0]]
-    crops[0].sum().item()  # wait for the copies
+        crops = normalise(next(batches)[0], *stats)
+    crops[0].sum().item()  # wait for the device
     dt = (time.perf_counter() - t0) / n
     return {"images_per_s": round(cfg["batch_size_per_gpu"] / dt, 2), "ms_per_batch": round(1000 * dt, 1),
             "num_workers": cfg["num_workers"]}
@@ -1182,11 +1183,8 @@ def main(argv=None):
         try:
             if cfg["benchmark"]:
                 return benchmark(cfg, device) if rank == 0 else None
-            stop = StopRequest()  # installed before anything is built: a signal during start-up still saves
-            try:
+            with StopRequest() as stop:  # installed before anything is built: a signal during start-up still saves
                 train(cfg, rank, world, device, stop)
-            finally:
-                stop.restore()
             return None
         finally:
             if is_dist():

@@ -191,6 +191,7 @@ class Monitor:  # DEVIATION: DINO / the authors check loss.item() every step (a 
     """Checks each step's values one step late so the GPU never waits for the host: the step's tensor
     (8 terms, 2 entropies, stop flag) is all-reduced and copied to the host asynchronously, and read
     after the next step is queued. Every rank sees the same reduced values, so all stop together."""
+
     def __init__(self, keys, world, device):
         self.keys, self.world, self.device, self.pending = keys, world, device, None
 
@@ -231,22 +232,23 @@ def check_finite(step, vals, last_ckpt):
 
 
 class StopRequest:
-    """SIGTERM / SIGINT ask every rank to finish the current step, write a checkpoint and exit.
-    A second signal exits at once."""
+    """`with StopRequest() as stop:` SIGTERM / SIGINT set stop.requested, which asks every rank to finish the
+    current step, write a checkpoint and exit. A second signal exits at once. The old handlers return on exit."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print(f"received signal {signum}: finishing this step, saving a checkpoint, then exiting", file=sys.stderr, flush=True)
-
-    def restore(self):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
 
 
 def quiet_worker(_):

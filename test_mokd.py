@@ -668,7 +668,8 @@ def test_normalise_on_the_device_equals_totensor_normalize():
 
 def test_sixteen_bit_images_keep_their_contrast():
     img = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
-    assert mokd_infra.to_rgb(img).getpixel((1, 0)) == (255, 255, 255) and mokd_infra.to_rgb(img).getpixel((0, 0)) == (0, 0, 0)
+    rgb = mokd_infra.to_rgb(img)
+    assert rgb.getpixel((1, 0)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (0, 0, 0)
 
 
 def broken_folder(root):
