@@ -47,8 +47,8 @@ from torchvision import transforms as T
 
 from mokd_infra import (SYNTHETIC_CLASSES, MOKDError, Monitor, OpCounter, StopRequest, atomic_save, check_finite,
                         check_image_folder, draw_synthetic, export_backbone, gather_rng_states, is_dist, knn_classify,
-                        load_checkpoint, load_strict, peak_memory_mb, quiet_worker, read_rgb, say, str2bool, unwrap,
-                        worker_error_message, write_run_info)
+                        load_checkpoint, load_strict, peak_memory_mb, quiet_worker, read_rgb, say, str2bool, trim_log,
+                        unwrap, worker_error_message, write_run_info)
 
 STUDENT_TEMP = 0.1
 CENTER_MOMENTUM = 0.9
@@ -987,19 +987,23 @@ def train(cfg, rank, world, device, stop):
         say(rank, f"{resume} is already at step {done} (--max-steps {cfg['max_steps']}): nothing to do")
         return None
     monitor, stats = Monitor(MONITOR_KEYS, world, device), image_stats(device)
+    # Every rank learns of a signal after each step (on the CPU: no GPU sync), so all stop after the same step.
+    stop_group = None if world == 1 else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     last_ckpt = resume
-    log = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
+    log_path = os.path.join(out, "log.jsonl")
+    if rank == 0:
+        trim_log(log_path, done)  # steps logged but never saved run again: each step appears once
+    log = open(log_path, "a") if rank == 0 else None
     state = {"step": done, "t0": time.time(), "t_log": time.time(), "imgs": 0, "start": done}
 
     def handle(item):  # check one step's reduced values: non-finite stop, logging
         if item is None:
-            return False
-        step, vals, stop_flag, t = item
+            return
+        step, vals, t = item
         check_finite(step, vals, last_ckpt)
         state["imgs"] += cfg["batch_size_per_gpu"] * world  # images of the steps checked since the last record
         if rank == 0 and (step % cfg["log_every"] == 0 or step == total_steps - 1):
             log_step(cfg, log, step, niter, vals, S, state, total_steps, device, t)
-        return stop_flag
 
     def save(epoch, it):
         nonlocal last_ckpt
@@ -1022,7 +1026,8 @@ def train(cfg, rank, world, device, stop):
                     step = epoch * niter + it
                     values = run.step(crops, epoch, step, S)
                     state["step"] = step + 1
-                    stopping = handle(monitor.push(values, step, stop.requested))
+                    handle(monitor.push(values, step))
+                    stopping = stop.agreed(stop_group)
                     if stopping or state["step"] >= total_steps:
                         break
             except MOKDError as e:  # raised here, or in a worker (then it carries the worker's traceback text)

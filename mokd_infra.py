@@ -189,14 +189,14 @@ def gather_rng_states(world):
 # ======================================================================================
 class Monitor:  # DEVIATION: DINO / the authors check loss.item() every step (a host sync)
     """Checks each step's values one step late so the GPU never waits for the host: the step's tensor
-    (8 terms, 2 entropies, stop flag) is all-reduced and copied to the host asynchronously, and read
-    after the next step is queued. Every rank sees the same reduced values, so all stop together."""
+    (8 terms, 2 entropies) is all-reduced and copied to the host asynchronously, and read after the next step
+    is queued. Every rank sees the same reduced values, so all stop together."""
 
     def __init__(self, keys, world, device):
         self.keys, self.world, self.device, self.pending = keys, world, device, None
 
-    def push(self, values, step, stop_requested):
-        v = torch.cat([values.float(), values.new_full((1,), float(stop_requested), dtype=torch.float32)])
+    def push(self, values, step):
+        v = values.float()
         if self.world > 1:
             dist.all_reduce(v)
         v = v.to("cpu", non_blocking=True)
@@ -207,12 +207,11 @@ class Monitor:  # DEVIATION: DINO / the authors check loss.item() every step (a 
         return self.read(prev) if prev is not None else None
 
     def read(self, item):
-        """(step, host tensor, event, time) -> (step, {name: mean over ranks}, stop flag, time the step was queued)."""
+        """(step, host tensor, event, time) -> (step, {name: mean over ranks}, time the step was queued)."""
         step, v, event, t = item
         if event is not None:
             event.synchronize()
-        vals = (v / self.world).tolist()
-        return step, dict(zip(self.keys, vals[:-1])), vals[-1] > 0, t
+        return step, dict(zip(self.keys, (v / self.world).tolist())), t
 
     def flush(self):
         item, self.pending = self.pending, None
@@ -232,8 +231,9 @@ def check_finite(step, vals, last_ckpt):
 
 
 class StopRequest:
-    """`with StopRequest() as stop:` SIGTERM / SIGINT set stop.requested, which asks every rank to finish the
-    current step, write a checkpoint and exit. A second signal exits at once. The old handlers return on exit."""
+    """`with StopRequest() as stop:` SIGTERM / SIGINT set stop.requested; the training loop makes the step during
+    which the signal arrived (on any rank) the last one, writes a checkpoint and exits. A second signal exits at once,
+    without saving. The old handlers return on exit."""
 
     def __enter__(self):
         self.requested = False
@@ -248,14 +248,46 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"received signal {signum}: finishing this step, saving a checkpoint, then exiting", file=sys.stderr, flush=True)
+        print(f"received signal {signum}: the current step completes, then a checkpoint is written and the run exits "
+              f"(another signal exits at once, without saving)", file=sys.stderr, flush=True)
+
+    def agreed(self, group):
+        """True on every rank if a signal reached any rank: a tiny all-reduce on the CPU (gloo), no GPU sync."""
+        if group is None:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, group=group)
+        return flag.item() > 0
+
+
+def trim_log(path, steps_done):
+    """Keep the records of steps < steps_done in log.jsonl (atomically): steps logged after the last checkpoint
+    (a stop without a save) run again after the resume, and appear once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] < steps_done:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut by a crash mid-write
+            continue
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def quiet_worker(_):
-    """DataLoader workers leave Ctrl-C (SIGINT to the whole process group) to the main process, which stops them
-    after its checkpoint; SIGTERM keeps its default so that a worker can always be terminated."""
+    """DataLoader workers leave their rank's process group: torchrun (and some schedulers) stop a rank by signalling
+    its whole group, which would kill the workers mid-step, before the rank can save. The workers still end with the
+    DataLoader, and on their own when the rank dies (they watch their parent). Ctrl-C is the main process's too."""
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def worker_error_message(e):

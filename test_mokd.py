@@ -944,3 +944,63 @@ def test_eval_of_an_exported_backbone_equals_eval_of_the_checkpoint(trained, tmp
         eval_linear.main(source + common)
         results.append(last_json(capsys.readouterr().out)["knn"])
     assert results[0] == results[1]
+
+
+def log_steps(out):
+    return [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+
+
+def test_sigterm_to_torchrun_with_workers_saves_and_the_relaunch_resumes(tmp_path):
+    """torchrun signals each rank's whole process group, DataLoader workers included: every rank still finishes
+    its step, saves and exits 0; the relaunch resumes and log.jsonl holds each step once."""
+    out = tmp_path / "o"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc, stdout, stderr, args = sigterm_run(out, torchrun, extra=("--num-workers", "2"))
+    # torchrun itself exits 1 with its own SignalException after its ranks have ended; the ranks exit 0.
+    assert "stopped by signal" in stdout, stderr[-3000:]
+    assert "DataLoader worker" not in stderr and "error [rank" not in stderr, stderr[-3000:]
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ck["global_step"] > 0 and len(ck["rng"]) == 2
+    assert log_steps(out) == list(range(ck["global_step"]))  # the log stops where the checkpoint does
+    r = run_cli(args[1:] + ["--num-workers", "2", "--max-steps", str(ck["global_step"] + 2)], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert log_steps(out) == list(range(ck["global_step"] + 2))
+
+
+def test_a_signal_during_step_k_makes_step_k_the_last(tmp_path, monkeypatch):
+    base = [*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--log-every", "1", "--output-dir", str(tmp_path)]
+    real_step = mokd.Run.step
+    stops = []
+
+    def step_with_a_signal(self, crops, epoch, it, S):
+        values = real_step(self, crops, epoch, it, S)
+        if epoch * 8 + it == 4:
+            stops[0].requested = True  # as the handler does when a signal arrives during this step
+        return values
+
+    real_enter = mokd_infra.StopRequest.__enter__
+    monkeypatch.setattr(mokd_infra.StopRequest, "__enter__", lambda self: stops.append(real_enter(self)) or stops[-1])
+    monkeypatch.setattr(mokd.Run, "step", step_with_a_signal)
+    mokd.main(base)
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["global_step"] == 5
+    assert log_steps(tmp_path) == list(range(5))
+
+
+def test_the_log_never_holds_a_step_twice_after_a_stop_without_a_save(tmp_path, monkeypatch):
+    """A second Ctrl-C exits at once, after steps were logged but not saved: the resume drops them from the log."""
+    base = [*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--log-every", "1", "--output-dir", str(tmp_path)]
+    mokd.main(base + ["--max-steps", "3"])
+    real_step = mokd.Run.step
+
+    def interrupted(self, crops, epoch, it, S):
+        if epoch * 8 + it == 7:
+            raise KeyboardInterrupt  # what the second signal raises
+        return real_step(self, crops, epoch, it, S)
+
+    with monkeypatch.context() as m:
+        m.setattr(mokd.Run, "step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            mokd.main(base)
+    assert log_steps(tmp_path)[-1] > 3  # steps 3.. were logged and never saved
+    mokd.main(base + ["--max-steps", "9"])
+    assert log_steps(tmp_path) == list(range(9))
