@@ -66,12 +66,12 @@ MONITOR_KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ["a.entropy", "b
 # ======================================================================================
 RECIPE = dict(arch_a="resnet18", arch_b="vit_small", patch_size=16, out_dim=65536, epochs=100,
               batch_size_per_gpu=32, global_crop_size=224, local_crop_size=96, local_crops_number=8,
-              global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), thead_dim=384, log_every=50,
+              global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), log_every=50,
               warmup_epochs=10, momentum_teacher=0.996)
 # The demo: small enough for ~3 minutes on 2 CPU cores (16 px synthetic shapes, short warm-ups).
 DEMO = dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, out_dim=1024, epochs=4,
             batch_size_per_gpu=32, global_crop_size=16, local_crop_size=8, local_crops_number=4,
-            global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), thead_dim=192, log_every=8,
+            global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), log_every=8,
             warmup_epochs=1, momentum_teacher=0.99)
 FAMILY = {  # authors' per-family recipe (spec: Optimisation)
     "resnet": dict(optimizer="sgd", lr=0.1, min_lr=0.0048, weight_decay=1e-4, weight_decay_end=1e-4,
@@ -104,7 +104,8 @@ def build_parser():
     a("--out-dim", type=int, default=None, help=f"K, the heads' output dimension {g}")
     a("--head-hidden-dim", type=int, default=2048, help="MLP head hidden width (DINO)")
     a("--bottleneck-dim", type=int, default=256, help="MLP head bottleneck width (DINO)")
-    a("--thead-dim", type=int, default=None, help=f"T-head width d; authors use ViT-S's 384 {g}")
+    a("--thead-dim", type=int, default=None, help="T-head width d (default, the authors' rule: the ViT's width, the "
+      "wider one with two ViTs, 384 with two CNNs)")
     a("--thead-depth", type=int, default=3, help="transformer blocks in the T-head")
     a("--thead-heads", type=int, default=6, help="attention heads in the T-head")
     a("--thead-lr", type=float, default=3e-4, help="peak lr of a CNN's T-head (transformer schedule)")
@@ -171,6 +172,8 @@ def resolve_config(args):
             if cfg[f"{k}_{m}"] is None:
                 cfg[f"{k}_{m}"] = FAMILY[family(arch)][k]
     cfg["global_crops_scale"], cfg["local_crops_scale"] = list(cfg["global_crops_scale"]), list(cfg["local_crops_scale"])
+    if cfg["thead_dim"] is None:
+        cfg["thead_dim"] = thead_width(cfg["arch_a"], cfg["arch_b"])
     if cfg["stem"] == "auto":
         cfg["stem"] = "cifar" if cfg["global_crop_size"] <= 64 else "imagenet"
     if cfg["device"] is None:
@@ -181,6 +184,12 @@ def resolve_config(args):
     if cfg["num_workers"] is None:
         cfg["num_workers"] = min(8, os.cpu_count() or 1)
     return cfg
+
+
+def thead_width(arch_a, arch_b):
+    """The authors' T-head width: the ViT's width (the wider ViT's with two), 384 for two CNNs."""
+    vit_widths = [VITS[arch][0] for arch in (arch_a, arch_b) if arch in VITS]
+    return max(vit_widths, default=384)
 
 
 def feature_stride(arch, cfg):

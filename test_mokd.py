@@ -1004,3 +1004,15 @@ def test_the_log_never_holds_a_step_twice_after_a_stop_without_a_save(tmp_path, 
     assert log_steps(tmp_path)[-1] > 3  # steps 3.. were logged and never saved
     mokd.main(base + ["--max-steps", "9"])
     assert log_steps(tmp_path) == list(range(9))
+
+
+@pytest.mark.parametrize("pair, width", [(("resnet18", "vit_small"), 384), (("resnet50", "vit_base"), 768),
+                                          (("vit_tiny", "vit_small"), 384), (("resnet18", "resnet50"), 384),
+                                          (("resnet18", "vit_tiny"), 192)])
+def test_thead_width_follows_the_authors_rule_without_a_flag(pair, width):
+    cfg = mokd.resolve_config(mokd.build_parser().parse_args(["--arch-a", pair[0], "--arch-b", pair[1]]))
+    assert cfg["thead_dim"] == width
+    over = mokd.resolve_config(mokd.build_parser().parse_args(["--arch-a", pair[0], "--arch-b", pair[1],
+                                                               "--thead-dim", "96"]))
+    assert over["thead_dim"] == 96
+
