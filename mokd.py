@@ -580,13 +580,14 @@ class THead(nn.Module):
     def __init__(self, in_dim, dim, grid, out_dim, depth, heads):
         super().__init__()
         # DEVIATION: any pair of backbones; a Linear when widths differ (= the authors' 1x1 conv on a CNN map).
-        self.proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)  # identity when widths match
         self.grid = tuple(grid)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(trunc_normal_init)
+        # After the truncated-normal init: the projection keeps PyTorch's default init, as the authors' 1x1 conv.
+        self.proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)  # identity when widths match
         self.last_layer = weight_normed_last_layer(dim, out_dim, freeze_norm=False)  # g always trains (spec)
 
     def embed(self, tokens, grid):
@@ -740,13 +741,14 @@ def teacher_temp_schedule(start, final, warmup_epochs, epochs):
 
 
 def param_groups(model, thead_sched):
-    """No weight decay for biases and 1-D tensors (DINO); the T-head gets its own schedule tag."""
+    """No weight decay for biases and 1-D tensors (DINO), except in a CNN's T-head, whose parameters all decay
+    (the authors' optimiser groups); the T-head gets its own schedule tag."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         sched = thead_sched if name.startswith("thead.") else "main"
-        reg = not (name.endswith(".bias") or p.ndim == 1)
+        reg = sched == "thead" or not (name.endswith(".bias") or p.ndim == 1)
         groups.setdefault((sched, reg), []).append(p)
     return [{"params": ps, "sched": s, "reg": r} for (s, r), ps in groups.items()]
 

@@ -1016,3 +1016,26 @@ def test_thead_width_follows_the_authors_rule_without_a_flag(pair, width):
                                                                "--thead-dim", "96"]))
     assert over["thead_dim"] == 96
 
+
+def test_cnn_thead_decays_every_parameter_and_vit_thead_exempts_biases_and_norms():
+    """The authors' groups: a CNN's T-head decays all its parameters (biases, LayerNorms); elsewhere DINO's rule."""
+    cfg = make_cfg("resnet18", "vit_tiny")
+    for arch, thead_sched in (("resnet18", "thead"), ("vit_tiny", "main")):
+        model = mokd.MOKDModel(arch, cfg, True)
+        decayed = {id(p) for g in mokd.param_groups(model, thead_sched) if g["reg"] for p in g["params"]}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            exempt = name.endswith(".bias") or p.ndim == 1
+            expected = thead_sched == "thead" and name.startswith("thead.") or not exempt
+            assert (id(p) in decayed) == expected, (arch, name)
+
+
+def test_cnn_thead_projection_has_pytorchs_default_init():
+    """The authors project a CNN map with a 1x1 convolution at PyTorch's default init: kaiming-uniform weights and
+    uniform biases within 1 / sqrt(fan_in) (the truncated-normal init would give zero biases)."""
+    torch.manual_seed(0)
+    proj = mokd.THead(512, 48, (2, 2), 64, 1, 4).proj
+    bound = 1 / 512 ** 0.5
+    assert proj.weight.abs().max() <= bound and proj.bias.abs().max() <= bound
+    assert proj.bias.abs().min() > 0 and proj.weight.std() > 0.8 * bound / 3 ** 0.5
