@@ -558,6 +558,14 @@ def weight_normed_last_layer(in_dim, out_dim, freeze_norm):
     return layer
 
 
+def last_layer_f32(layer, x):
+    """The weight-normalised Linear to K in float32 whatever the autocast dtype: bf16 logits would round the
+    teacher's sharpened targets (tau_t 0.04) before the float32 losses see them. (N, D) -> (N, K) float32."""
+    # DEVIATION: the authors run the last layer under fp16 autocast.
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
+
+
 class DINOHead(nn.Module):
     """h: Linear-GELU-Linear-GELU-Linear to the bottleneck, L2-normalise, weight-normalised Linear to K."""
 
@@ -569,7 +577,7 @@ class DINOHead(nn.Module):
         self.last_layer = weight_normed_last_layer(bottleneck, out_dim, norm_last_layer)
 
     def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))  # (N, K)
+        return last_layer_f32(self.last_layer, F.normalize(self.mlp(x), dim=-1, p=2))  # (N, K)
 
 
 class THead(nn.Module):
@@ -603,7 +611,7 @@ class THead(nn.Module):
         x = self.norm(x)
         if query is not None:
             x = x[:, 1:]  # (N, L, d)
-        return self.last_layer(x.mean(dim=1))  # (N, K)
+        return last_layer_f32(self.last_layer, x.mean(dim=1))  # (N, K)
 
 
 class MOKDModel(nn.Module):

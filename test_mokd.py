@@ -1039,3 +1039,16 @@ def test_cnn_thead_projection_has_pytorchs_default_init():
     bound = 1 / 512 ** 0.5
     assert proj.weight.abs().max() <= bound and proj.bias.abs().max() <= bound
     assert proj.bias.abs().min() > 0 and proj.weight.std() > 0.8 * bound / 3 ** 0.5
+
+
+def test_heads_last_layers_run_in_float32_under_autocast():
+    """Under bf16 autocast both heads' logits are float32 and equal the last layer applied in float32 to the same
+    (low-precision) bottleneck: the teacher targets are not rounded to bf16."""
+    torch.manual_seed(0)
+    head, thead = mokd.DINOHead(32, 512, False, 64, 16), mokd.THead(32, 32, (2, 2), 512, 1, 4)
+    x, tokens = torch.randn(6, 32), torch.randn(6, 4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, bottleneck = head(x), F.normalize(head.mlp(x), dim=-1)
+        t_logits = thead.run(thead.embed(tokens, (2, 2)))
+    assert logits.dtype == torch.float32 and t_logits.dtype == torch.float32
+    torch.testing.assert_close(logits, head.last_layer(bottleneck.float()), rtol=0, atol=0)
