@@ -4,7 +4,8 @@
     python eval_linear.py --checkpoint out/checkpoint.pth --model b --train-path T --val-path V   # linear probe
     python eval_linear.py --checkpoint out/checkpoint.pth --model b --cached-features ...        # fast probe
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint ... --model a --train-path T --val-path V
-    python eval_linear.py --backbone resnet18_a.pth --knn ...   # a backbone written by `mokd.py --export`
+    python eval_linear.py --checkpoint out/checkpoint.pth --model a --export resnet18_a.pth   # the teacher backbone
+    python eval_linear.py --backbone resnet18_a.pth --knn ...   # evaluate a backbone written by --export
 
 Architecture, patch size, stem and crop size come from the checkpoint. Loading is strict; an unreadable image
 stops the evaluation with its path. The last line of output is one JSON object with every accuracy.
@@ -24,8 +25,7 @@ import torchvision
 from torchvision import transforms as T
 
 import mokd
-import mokd_infra
-from mokd_infra import MOKDError
+from mokd import MOKDError
 
 
 def build_parser():
@@ -33,11 +33,13 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--checkpoint", default=None, help="a mokd.py checkpoint.pth")
-    a("--backbone", default=None, help="instead of --checkpoint: a file written by `mokd.py --export`")
+    a("--backbone", default=None, help="instead of --checkpoint: a file written by --export")
     a("--model", default="a", choices=["a", "b"], help="which model of the checkpoint")
     a("--which", default="teacher", choices=["teacher", "student"], help="teacher (default, as DINO) or student")
-    a("--train-path", required=True, help="ImageFolder tree of training images")
-    a("--val-path", required=True, help="ImageFolder tree of validation images")
+    a("--train-path", default=None, help="ImageFolder tree of training images (required unless --export)")
+    a("--val-path", default=None, help="ImageFolder tree of validation images (required unless --export)")
+    a("--export", default=None, metavar="OUT", help="write the teacher backbone of --model of --checkpoint to OUT "
+      "(torchvision ResNet keys without fc, or DINO/timm ViT keys, plus metadata) and exit")
     a("--knn", action="store_true", help="k-NN evaluation instead of the linear probe (with --cached-features: both, "
       "from one feature extraction)")
     a("--nb-knn", type=int, nargs="+", default=[10, 20, 100, 200], help="k values")
@@ -45,7 +47,7 @@ def build_parser():
     a("--cached-features", action="store_true", help="linear probe on features extracted once, without augmentation")
     a("--n-last-blocks", type=int, default=None, help="ViT: concatenate the CLS tokens of the last n blocks "
       "(default 4 for vit_tiny/vit_small, 1 for vit_base)")
-    a("--avgpool-patchtokens", type=mokd_infra.str2bool, default=None, help="ViT: append the mean patch token "
+    a("--avgpool-patchtokens", type=mokd.str2bool, default=None, help="ViT: append the mean patch token "
       "(default true for vit_base only)")
     a("--epochs", type=int, default=100, help="linear-probe epochs")
     a("--lr", type=float, default=None, help="base lr, scaled by global batch / 256 (default 0.01 CNN, 0.001 ViT)")
@@ -63,24 +65,24 @@ def load_backbone(args):
     if bool(args.checkpoint) == bool(args.backbone):
         raise MOKDError("give exactly one of --checkpoint and --backbone")
     if args.checkpoint:
-        ckpt = mokd_infra.load_checkpoint(args.checkpoint)
+        ckpt = mokd.load_checkpoint(args.checkpoint)
         cfg = ckpt["config"]
         arch = cfg[f"arch_{args.model}"]
         state = {k[len("backbone."):]: v for k, v in ckpt["models"][args.model][args.which].items()
                  if k.startswith("backbone.")}
         bb = mokd.build_backbone(arch, cfg)
-        mokd_infra.load_strict(bb, state, f"{args.checkpoint} (model {args.model}, {args.which})")
+        mokd.load_strict(bb, state, f"{args.checkpoint} (model {args.model}, {args.which})")
         return bb.eval(), {**cfg, "arch": arch}, args.checkpoint
     try:
         obj = torch.load(args.backbone, map_location="cpu", weights_only=True)
         meta, state = obj["meta"], obj["state_dict"]
     except Exception as e:
-        raise MOKDError(f"--backbone {args.backbone!r} is not a backbone written by `mokd.py --export` "
+        raise MOKDError(f"--backbone {args.backbone!r} is not a backbone written by `eval_linear.py --export` "
                         f"({type(e).__name__}: {e})") from None
     cfg = {"arch": meta["arch"], "patch_size": meta["patch_size"], "stem": meta["stem"],
            "global_crop_size": meta["image_size"]}
     bb = mokd.build_backbone(meta["arch"], cfg)
-    mokd_infra.load_strict(bb.net if meta["arch"] in mokd.RESNETS else bb, state, args.backbone)
+    mokd.load_strict(bb.net if meta["arch"] in mokd.RESNETS else bb, state, args.backbone)
     return bb.eval(), cfg, args.backbone
 
 
@@ -107,11 +109,11 @@ def checksum(module):
 
 
 class Folder(torchvision.datasets.ImageFolder):
-    """ImageFolder that converts any mode to RGB and names an unreadable file in its error (mokd_infra.read_rgb)."""
+    """ImageFolder that converts any mode to RGB and names an unreadable file in its error (mokd.read_rgb)."""
 
     def __init__(self, root, transform):
         try:
-            super().__init__(root, transform=transform, loader=mokd_infra.read_rgb)
+            super().__init__(root, transform=transform, loader=mokd.read_rgb)
         except (FileNotFoundError, OSError) as err:  # e.g. a class folder without images
             raise MOKDError(f"{root}: {err}") from None
 
@@ -129,7 +131,7 @@ def extract(feat, dataset, args, device, rank, world):
             fs.append(feat(x.to(device, non_blocking=True)).float())
             ys.append(y.to(device))
     except MOKDError as e:
-        raise MOKDError(mokd_infra.worker_error_message(e)) from None
+        raise MOKDError(mokd.worker_error_message(e)) from None
     f = torch.cat(fs) if fs else torch.zeros(0, 1, device=device)
     y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long, device=device)
     if world == 1:
@@ -217,18 +219,41 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
                 opt.step()
                 sched.step()
         except MOKDError as e:
-            raise MOKDError(mokd_infra.worker_error_message(e)) from None
+            raise MOKDError(mokd.worker_error_message(e)) from None
         with torch.no_grad():
             last = accuracy(lin(val_f), val_y)
         best = max(best, last)
-        mokd_infra.say(rank, f"epoch {epoch + 1}/{args.epochs}: val top-1 {last[0]:.2f} top-5 {last[1]:.2f}")
+        mokd.say(rank, f"epoch {epoch + 1}/{args.epochs}: val top-1 {last[0]:.2f} top-5 {last[1]:.2f}")
     return lin.cpu(), best, last
 
 
 # ----------------------------------------------------------------------------- main
+def export_backbone(path, model, out):
+    """Write one teacher backbone: torchvision ResNet keys (no fc) or DINO/timm ViT keys, plus metadata."""
+    ckpt = mokd.load_checkpoint(path)
+    cfg, arch = ckpt["config"], ckpt["config"][f"arch_{model}"]
+    prefix = "backbone.net." if arch in mokd.RESNETS else "backbone."
+    state = {k[len(prefix):]: v for k, v in ckpt["models"][model]["teacher"].items() if k.startswith(prefix)}
+    meta = {"arch": arch, "patch_size": cfg["patch_size"], "stem": cfg["stem"], "image_size": cfg["global_crop_size"],
+            "source": os.path.basename(path)}
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        mokd.atomic_save({"state_dict": state, "meta": meta}, out)
+    except OSError as e:
+        raise MOKDError(f"--export {out!r} cannot be written: {e.strerror or e}") from None
+    print(f"exported the teacher backbone of model {model.upper()} ({arch}) to {out}")
+
+
 def evaluate(args):
-    mokd_infra.check_image_folder(args.train_path, "--train-path")
-    mokd_infra.check_image_folder(args.val_path, "--val-path")
+    if args.export:
+        if not args.checkpoint:
+            raise MOKDError("--export needs --checkpoint (the mokd.py checkpoint to export from)")
+        return export_backbone(args.checkpoint, args.model, args.export)
+    for flag, path in (("--train-path", args.train_path), ("--val-path", args.val_path)):
+        if path is None:
+            raise MOKDError(f"{flag} is required (unless --export)")
+    mokd.check_image_folder(args.train_path, "--train-path")
+    mokd.check_image_folder(args.val_path, "--val-path")
     for flag, v in (("--epochs", args.epochs), ("--batch-size-per-gpu", args.batch_size_per_gpu)):
         if v < 1:
             raise MOKDError(f"{flag} must be >= 1, got {v}")
@@ -267,7 +292,7 @@ def evaluate(args):
     lin = None
     if args.knn:
         if rank == 0:
-            res = mokd_infra.knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
+            res = mokd.knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
                                           args.temperature, C)
             result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3)} for k, (a, b) in res.items()}
     if args.cached_features:
@@ -291,7 +316,7 @@ def evaluate(args):
             with open(os.path.join(args.output_dir, name + ".json"), "w") as f:
                 json.dump(result, f, indent=1)
             if lin is not None:
-                mokd_infra.atomic_save(lin.state_dict(), os.path.join(args.output_dir, name + "_linear.pth"))
+                mokd.atomic_save(lin.state_dict(), os.path.join(args.output_dir, name + "_linear.pth"))
         print(json.dumps(result), flush=True)
     return result
 
@@ -316,7 +341,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        if mokd_infra.is_dist():
+        if mokd.is_dist():
             dist.destroy_process_group()
 
 

@@ -1,29 +1,28 @@
 """MOKD: Multi-Mode Online Knowledge Distillation for self-supervised visual representation learning.
 
-Song, Xie, Zhang, Luo, CVPR 2023, arXiv 2304.06461. This file: augmentation, backbones, heads,
-losses, the cross-attention feature search, schedules and a torchrun-compatible training loop. The plumbing
-that is not the method (atomic checkpoints, signals, robust image reading, k-NN) is in mokd_infra.py.
+Song, Xie, Zhang, Luo, CVPR 2023, arXiv 2304.06461. One self-contained file (standard library, torch, torchvision,
+numpy, PIL): augmentation, both backbones, heads, losses, the cross-attention feature search, schedules and a
+torchrun-compatible training loop. Copy it alone and `python mokd.py` runs the demo.
 
 Two models A and B (any pair: a CNN and a ViT in the paper) each have a student and an EMA teacher.
-Per model X with partner Y, the four losses of the paper (section numbers follow this file):
+Per model X with partner Y, the four losses of the paper and where they are:
 
-    paper   code                                   what
-    L_sm    dino_loss(s_m[X], t_m[X])               self-distillation, MLP head (DINO loss)
-    L_st    dino_loss(s_t[X], t_t[X])               self-distillation, T-head (DINO loss)
-    L_cm    dino_loss(s_m[X], t_m[Y])               cross-distillation, MLP head
-    L_ct    cross_entropy(s_t[X] locals, search_Y)  cross-attention feature search, no centre
-    L_X   = L_sm + L_st + lambda_X * (L_cm + L_ct)   (model_losses)
-    tau_s   0.1 (STUDENT_TEMP)   tau_t  teacher_temp_schedule   m  cosine_schedule(0.996 -> 1)
+    paper   code                                   what                                              section
+    L_sm    dino_loss(s_m[X], t_m[X])               self-distillation, MLP head (DINO loss)           5
+    L_st    dino_loss(s_t[X], t_t[X])               self-distillation, T-head (DINO loss)             5
+    L_cm    dino_loss(s_m[X], t_m[Y])               cross-distillation, MLP head                      5
+    L_ct    cross_entropy(s_t[X] locals, search_Y)  cross-attention feature search (search: 4)     4, 5
+    L_X   = L_sm + L_st + lambda_X * (L_cm + L_ct)   (model_losses)                                    5
+    tau_s   0.1 (STUDENT_TEMP)   tau_t  teacher_temp_schedule   m  cosine_schedule(0.996 -> 1)     6
 
 Sections: 1 config | 2 data and augmentation | 3 backbones | 4 heads and the search | 5 losses |
-6 schedules, optimisers, EMA | 7 distributed set-up and resuming | 8 the MOKD step and training loop |
-9 the demo's k-NN check, benchmark, main.
+6 schedules, optimisers, EMA | 7 distributed set-up, checkpoints, resuming | 8 the MOKD step and training loop |
+9 k-NN, the demo, main.
 
 Run:
-    python mokd.py                                   # demo: synthetic images, CPU or one GPU, ~3 min on 2 cores
+    python mokd.py                                   # demo: synthetic images, CPU or one GPU
     python mokd.py --data-path /imagenet/train       # authors' recipe on one process
     torchrun --nproc_per_node=8 mokd.py --arch-a resnet18 --arch-b vit_small --data-path /imagenet/train
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 mokd.py ...
 Departures from the authors' code are tagged `DEVIATION:` and listed in README.md.
 """
 import argparse
@@ -32,6 +31,9 @@ import gc
 import json
 import math
 import os
+import platform
+import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -42,22 +44,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 from torchvision import transforms as T
-
-from mokd_infra import (SYNTHETIC_CLASSES, MOKDError, Monitor, OpCounter, StopRequest, atomic_save, check_finite,
-                        check_image_folder, draw_synthetic, export_backbone, gather_rng_states, is_dist, knn_classify,
-                        load_checkpoint, load_strict, peak_memory_mb, quiet_worker, read_rgb, say, str2bool, trim_log,
-                        unwrap, worker_error_message, write_run_info)
 
 STUDENT_TEMP = 0.1
 CENTER_MOMENTUM = 0.9
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision; widths 512, 512, 2048
-VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
+VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 ARCHS = sorted(RESNETS) + sorted(VITS)
 LOSS_NAMES = ("L_sm", "L_st", "L_cm", "L_ct")
-MONITOR_KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ["a.entropy", "b.entropy"]  # Run.step order
+VALUE_KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ["a.entropy", "b.entropy"]  # Run.step order
+
+
+class MOKDError(Exception):
+    """A problem with the user's input or run; main() prints it without a traceback and exits with 2."""
 
 
 # ======================================================================================
@@ -90,6 +91,14 @@ def family(arch):
     return "resnet" if arch in RESNETS else "vit"
 
 
+def str2bool(v):
+    if v.lower() in ("1", "true", "yes"):
+        return True
+    if v.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
 def build_parser():
     p = argparse.ArgumentParser("mokd", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -118,7 +127,8 @@ def build_parser():
                          ("warmup-teacher-temp-epochs", int), ("lambda", float), ("clip-grad", float)):
             a(f"--{key}-{m}", type=typ, default=None, dest=f"{key.replace('-', '_').replace('lambda', 'lam')}_{m}",
               help=f"model {m.upper()}: family default" + (" (scaled by global batch / 256)" if "lr" in key else ""))
-        a(f"--norm-last-layer-{m}", type=str2bool, default=None, help="freeze weight_g of the MLP head's last layer (family default)")
+        a(f"--norm-last-layer-{m}", type=str2bool, default=None,
+          help="freeze weight_g of the MLP head's last layer (family default)")
     a("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
     a("--teacher-temp", type=float, default=0.07, help="final teacher temperature")
     a("--cross-warmup-teacher-temp-epochs", type=int, default=30, help="warm-up of the cross terms' temperature")
@@ -134,7 +144,8 @@ def build_parser():
     a("--local-crops-scale", type=float, nargs=2, default=None, help=g)
     a("--data-path", default=None, help="ImageFolder tree; without it, a built-in synthetic dataset")
     a("--synthetic-size", type=int, default=768, help="images in the synthetic dataset (no --data-path)")
-    a("--knn-images", type=int, default=900, help="held-out synthetic images for the demo's k-NN (2/3 bank, 1/3 test)")
+    a("--knn-images", type=int, default=900,
+      help="held-out synthetic images for the demo's k-NN (2/3 bank, 1/3 test)")
     a("--bad-images", default="skip", choices=["skip", "error"],
       help="unreadable image: skip it (warn, substitute the next image, count per epoch) or stop the run")
     a("--num-workers", type=int, default=None, help="DataLoader workers per process (default: min(8, cpus))")
@@ -148,11 +159,6 @@ def build_parser():
     a("--dist-timeout", type=float, default=30, help="minutes a collective may wait for another rank")
     a("--compile", action="store_true", help="torch.compile students and teachers")
     a("--grad-checkpointing", action="store_true", help="recompute ViT blocks in backward to save memory")
-    a("--benchmark", action="store_true", help="time MOKD vs independent training on random tensors")
-    a("--benchmark-steps", type=int, default=10, help="timed optimiser steps per benchmark variant")
-    a("--export", default=None, metavar="CHECKPOINT", help="write one teacher backbone of CHECKPOINT and exit")
-    a("--model", default="a", choices=["a", "b"], help="with --export: which model")
-    a("--out", default=None, help="with --export: output file")
     return p
 
 
@@ -171,7 +177,8 @@ def resolve_config(args):
         for k in PER_MODEL:
             if cfg[f"{k}_{m}"] is None:
                 cfg[f"{k}_{m}"] = FAMILY[family(arch)][k]
-    cfg["global_crops_scale"], cfg["local_crops_scale"] = list(cfg["global_crops_scale"]), list(cfg["local_crops_scale"])
+    for k in ("global_crops_scale", "local_crops_scale"):
+        cfg[k] = list(cfg[k])
     if cfg["thead_dim"] is None:
         cfg["thead_dim"] = thead_width(cfg["arch_a"], cfg["arch_b"])
     if cfg["stem"] == "auto":
@@ -213,15 +220,16 @@ def validate_config(cfg, world_size):
         bad("--precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
     for k in ("patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads", "epochs", "batch_size_per_gpu",
               "global_crop_size", "local_crop_size", "log_every", "head_hidden_dim", "bottleneck_dim",
-              "benchmark_steps", "synthetic_size", "knn_images") + (("max_steps",) if cfg["max_steps"] is not None else ()):
-        if cfg[k] < 1:
+              "synthetic_size", "knn_images", "max_steps"):
+        if cfg[k] is not None and cfg[k] < 1:
             bad(f"{flag(k)} must be a positive integer, got {cfg[k]}")
     for k in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "num_workers",
               "cross_warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs_a", "warmup_teacher_temp_epochs_b"):
         if cfg[k] < 0:
             bad(f"{flag(k)} must be >= 0, got {cfg[k]}")
-    for k in [f"{k}_{m}" for m in "ab" for k in ("lr", "min_lr", "weight_decay", "weight_decay_end", "lam", "clip_grad")] + \
-            ["thead_lr", "thead_min_lr", "thead_weight_decay", "thead_weight_decay_end", "drop_path"]:
+    per_model = ("lr", "min_lr", "weight_decay", "weight_decay_end", "lam", "clip_grad")
+    shared = ["thead_lr", "thead_min_lr", "thead_weight_decay", "thead_weight_decay_end", "drop_path"]
+    for k in [f"{k}_{m}" for m in "ab" for k in per_model] + shared:
         if not math.isfinite(cfg[k]) or cfg[k] < 0:
             bad(f"{flag(k)} must be a finite number >= 0, got {cfg[k]}")
     for k in ("warmup_teacher_temp", "teacher_temp"):
@@ -266,6 +274,78 @@ def validate_config(cfg, world_size):
 # ======================================================================================
 # 2. Data: DINO multi-crop augmentation, robust image loading, the synthetic demo dataset.
 # ======================================================================================
+def to_rgb(img):
+    """Any PIL mode -> 8-bit RGB (16-bit and float images are rescaled, alpha is dropped)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 255.0 if img.mode == "F" and arr.max() <= 255 else (65535.0 if arr.max() > 255 else 255.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def read_rgb(path):
+    """Open an image file as RGB; any failure becomes a MOKDError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except Exception as e:  # PIL raises many types for broken files
+        raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def check_image_folder(path, flag="--data-path"):
+    """Up-front checks of an ImageFolder tree; returns nothing, raises MOKDError naming the problem."""
+    if not os.path.exists(path):
+        raise MOKDError(f"{flag} {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise MOKDError(f"{flag} {path!r} is not a directory")
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    if not classes:
+        raise MOKDError(f"{flag} {path!r} has no class folders (expected {path}/<class>/<image>)")
+    exts = torchvision.datasets.folder.IMG_EXTENSIONS
+    for c in classes:
+        for _, _, files in os.walk(os.path.join(path, c)):
+            if any(f.lower().endswith(exts) for f in files):
+                return
+    raise MOKDError(f"{flag} {path!r} has class folders but no image files ({', '.join(exts)})")
+
+
+SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes")  # draw_synthetic's labels 0-5
+
+
+def draw_synthetic(index, seed, size):
+    """A procedurally drawn image of class index % 6: disc, ring, square, triangle, cross, stripes.
+    Position, scale, colours and background noise are random; the class is the shape alone."""
+    rng = np.random.default_rng([seed, index])
+    label = index % 6
+    bg = rng.integers(0, 256, 3)
+    arr = np.clip(bg + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    d = ImageDraw.Draw(img)
+    fg = tuple(int(c) for c in (bg + rng.integers(80, 176, 3)) % 256)
+    r = size * rng.uniform(0.22, 0.4)
+    cx, cy = rng.uniform(r, size - r, 2)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    w = max(1, int(r / 3))
+    if label == 0:
+        d.ellipse(box, fill=fg)
+    elif label == 1:
+        d.ellipse(box, outline=fg, width=w)
+    elif label == 2:
+        d.rectangle(box, fill=fg)
+    elif label == 3:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    elif label == 4:
+        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fg)
+        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fg)
+    else:
+        for k in range(-3, 4, 2):
+            y = cy + k * r / 4
+            d.rectangle((cx - r, y - w / 2, cx + r, y + w / 2), fill=fg)
+    return img, label
+
 class RandomGaussianBlur:
     """PIL Gaussian blur with probability p and radius uniform in [0.1, 2.0] (DINO). Uses torch's RNG."""
 
@@ -389,6 +469,7 @@ def eval_transform(crop_size):
         return T.Compose([T.Resize(crop_size, antialias=True), T.CenterCrop(crop_size)] + norm)
     return T.Compose([T.Resize(int(crop_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC,
                                antialias=True), T.CenterCrop(crop_size)] + norm)
+
 
 
 # ======================================================================================
@@ -815,7 +896,7 @@ def ema_update(student_params, teacher_params, m):
 
 
 # ======================================================================================
-# 7. Distributed set-up and resuming (the helpers themselves are in mokd_infra.py).
+# 7. Distributed set-up, checkpoints (written atomically, loaded strictly) and resuming.
 # ======================================================================================
 def setup_distributed(cfg):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process without a group."""
@@ -833,8 +914,81 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def say(rank, *msg):
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+def unwrap(model):
+    """The plain module inside torch.compile and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, fsync, rename: a crash mid-save leaves the old file intact."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) with a clear error for a missing, truncated or foreign file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MOKDError(f"checkpoint {path!r} does not exist") from None
+    except Exception as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise MOKDError(f"checkpoint {path!r} is unreadable (truncated or not a mokd checkpoint): "
+                        f"{type(e).__name__}: {first_line}") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "models" not in ckpt:
+        raise MOKDError(f"checkpoint {path!r} is not a mokd.py checkpoint (no 'config' / 'models' entries)")
+    return ckpt
+
+
+def load_strict(module, state, what):
+    """load_state_dict(strict=True) with an error listing missing and unexpected keys."""
+    own = set(module.state_dict())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise MOKDError(f"{what}: state dict does not match the model; missing keys: {missing[:10]}"
+                        f"{' ...' if len(missing) > 10 else ''}; unexpected keys: {unexpected[:10]}"
+                        f"{' ...' if len(unexpected) > 10 else ''}")
+    module.load_state_dict(state, strict=True)
+
+
+def gather_rng_states(world):
+    """Every rank's RNG state (rank 0 saves them all): each rank resumes its own stream."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
 def check_resume_config(saved, cfg, path):
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs requested {cfg[k]!r}" for k in GEOMETRY_KEYS if saved.get(k) != cfg[k]]
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs requested {cfg[k]!r}"
+            for k in GEOMETRY_KEYS if saved.get(k) != cfg[k]]
     if diff:
         raise MOKDError(f"checkpoint {path!r} was trained with a different configuration; "
                         f"differing keys: {'; '.join(diff)}. Use another --output-dir or the saved settings.")
@@ -859,8 +1013,28 @@ def restore(run, saved, path, niter, rank, world):
     return epoch, it
 
 
+def trim_log(path, steps_done):
+    """Keep the log.jsonl records of steps < steps_done (atomically): steps logged after the last checkpoint (a
+    stop without a save) run again after the resume, and so appear once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] < steps_done:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut by a crash mid-write
+            continue
+    if len(kept) < len(lines):
+        with open(f"{path}.tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(f"{path}.tmp", path)
+
+
 # ======================================================================================
-# 8. The MOKD step and the training loop.
+# 8. The MOKD step and the training loop (stops cleanly on a signal and on a non-finite loss).
 # ======================================================================================
 class Run:
     """Everything one training run holds: both models' students, teachers, optimisers and scalers, centres."""
@@ -884,7 +1058,8 @@ class Run:
             self.opts[m] = build_optimizer(student, cfg, m, device)
             self.scalers[m] = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
             if world > 1:
-                student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+                device_ids = [device.index] if device.type == "cuda" else None
+                student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
             if cfg["compile"]:
                 student, teacher = torch.compile(student), torch.compile(teacher)
             self.students[m], self.teachers[m] = student, teacher
@@ -953,6 +1128,50 @@ class Run:
         load_strict(self.centres, ckpt["centres"], f"{path}: centres")
 
 
+class StopRequest:
+    """`with StopRequest() as stop:` SIGTERM / SIGINT set stop.requested; the training loop makes the step during
+    which the signal arrived (on any rank) the last one, writes a checkpoint and exits. A second signal exits at once,
+    without saving. The old handlers return on exit."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"received signal {signum}: the current step completes, then a checkpoint is written and the run exits "
+              f"(another signal exits at once, without saving)", file=sys.stderr, flush=True)
+
+    def agreed(self, group):
+        """True on every rank if a signal reached any rank: a tiny all-reduce on the CPU (gloo), no GPU sync."""
+        if group is None:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, group=group)
+        return flag.item() > 0
+
+
+def quiet_worker(_):
+    """DataLoader workers leave their rank's process group: torchrun (and some schedulers) stop a rank by signalling
+    its whole group, which would kill the workers mid-step, before the rank can save. The workers still end with the
+    DataLoader, and on their own when the rank dies (they watch their parent). Ctrl-C is the main process's too."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_error_message(e):
+    """An error raised in a DataLoader worker comes back with the worker's traceback text: keep our message."""
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+    return msg.split("Error: ", 1)[-1] if "Traceback" in str(e) else msg
+
+
 def make_loader(cfg, rank, world, device):
     aug = MultiCropAugmentation(cfg["global_crop_size"], cfg["local_crop_size"], cfg["local_crops_number"],
                                 cfg["global_crops_scale"], cfg["local_crops_scale"])
@@ -974,7 +1193,7 @@ def make_loader(cfg, rank, world, device):
 
 
 def train(cfg, rank, world, device, stop):
-    """The training loop; `stop` (a StopRequest) is set by SIGTERM / SIGINT: finish the step, save, return."""
+    """The training loop. `stop` (a StopRequest) is set by SIGTERM / SIGINT: the step completes, every rank saves."""
     out = cfg["output_dir"]
     ckpt_path = os.path.join(out, "checkpoint.pth")
     resume = cfg["resume"] or (ckpt_path if os.path.exists(ckpt_path) else None)
@@ -990,14 +1209,13 @@ def train(cfg, rank, world, device, stop):
     run = Run(cfg, device, world)
     niter = sampler.steps
     S = build_schedules(cfg, niter, world)
-    if saved:
-        start_epoch, start_it = restore(run, saved, resume, niter, rank, world)
-        del saved
-    else:
-        start_epoch, start_it = 0, 0
+    start_epoch, start_it = restore(run, saved, resume, niter, rank, world) if saved else (0, 0)
+    if not saved:
         torch.manual_seed(cfg["seed"] + rank)  # per-rank randomness (drop-path)
-    total_steps = cfg["epochs"] * niter if cfg["max_steps"] is None else min(cfg["epochs"] * niter, cfg["max_steps"])
-    demo = not cfg["data_path"] and total_steps == cfg["epochs"] * niter  # the demo reports k-NN before / after
+    del saved
+    all_steps = cfg["epochs"] * niter
+    total_steps = all_steps if cfg["max_steps"] is None else min(all_steps, cfg["max_steps"])
+    demo = not cfg["data_path"] and total_steps == all_steps  # the demo reports k-NN before / after
     knn_before = demo_knn(run, cfg, device, rank) if demo and start_epoch == start_it == 0 else None
     if rank == 0:
         write_run_info(cfg, world, device)
@@ -1005,35 +1223,47 @@ def train(cfg, rank, world, device, stop):
     if done >= total_steps and cfg["max_steps"] is not None:  # relaunch of a run that reached --max-steps
         say(rank, f"{resume} is already at step {done} (--max-steps {cfg['max_steps']}): nothing to do")
         return None
-    monitor, stats = Monitor(MONITOR_KEYS, world, device), image_stats(device)
+    stats = image_stats(device)
     # Every rank learns of a signal after each step (on the CPU: no GPU sync), so all stop after the same step.
     stop_group = None if world == 1 else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    last_ckpt = resume
     log_path = os.path.join(out, "log.jsonl")
     if rank == 0:
         trim_log(log_path, done)  # steps logged but never saved run again: each step appears once
     log = open(log_path, "a") if rank == 0 else None
-    state = {"step": done, "t0": time.time(), "t_log": time.time(), "imgs": 0, "start": done}
+    last_ckpt, pending = resume, []
+    clock = {"t": time.time(), "images": 0, "t0": time.time(), "start": done}
 
-    def handle(item):  # check one step's reduced values: non-finite stop, logging
-        if item is None:
+    def check(log_it):
+        """Read the steps since the last check (one host sync per log interval, averaged over ranks): stop on a
+        non-finite value, so that a broken state is never saved; log the last step if log_it."""
+        # DEVIATION: DINO checks loss.item() every step (a host sync each step); the steps are checked in batches.
+        if not pending:
             return
-        step, vals, t = item
-        check_finite(step, vals, last_ckpt)
-        state["imgs"] += cfg["batch_size_per_gpu"] * world  # images of the steps checked since the last record
-        if rank == 0 and (step % cfg["log_every"] == 0 or step == total_steps - 1):
-            log_step(cfg, log, step, niter, vals, S, state, total_steps, device, t)
+        values = torch.stack([v for _, v in pending]).float()  # (steps, 10): 8 terms, 2 entropies
+        if world > 1:
+            dist.all_reduce(values)
+        rows = (values / world).tolist()
+        for (step, _), row in zip(pending, rows):
+            for key, v in zip(VALUE_KEYS, row):
+                if not math.isfinite(v):
+                    model, term = key.split(".")
+                    raise MOKDError(f"non-finite loss: model {model.upper()} term {term} = {v} at step {step}. "
+                                    f"Last good checkpoint: {last_ckpt or 'none written yet'} (left intact).")
+        clock["images"] += len(pending) * cfg["batch_size_per_gpu"] * world
+        if rank == 0 and log_it:
+            log_step(cfg, log, pending[-1][0], niter, dict(zip(VALUE_KEYS, rows[-1])), S, clock, total_steps, device)
+        pending.clear()
 
     def save(epoch, it):
         nonlocal last_ckpt
-        handle(monitor.flush())  # never save a state whose last step was non-finite
+        check(log_it=False)  # never save a state whose last steps were non-finite
         rng = gather_rng_states(world)
         if rank == 0:
             atomic_save({"config": cfg, "epoch": epoch, "step_in_epoch": it, "global_step": epoch * niter + it,
-                         "steps_per_epoch": niter,
-                         "rng": rng, **run.state()}, ckpt_path)
+                         "steps_per_epoch": niter, "rng": rng, **run.state()}, ckpt_path)
         last_ckpt = ckpt_path
 
+    step = done
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             sampler.epoch, sampler.start = epoch, (start_it if epoch == start_epoch else 0)
@@ -1042,28 +1272,28 @@ def train(cfg, rank, world, device, stop):
                 for it, (crops, bad) in enumerate(loader, start=sampler.start):
                     crops = normalise(crops, *stats)
                     n_bad += int(bad.sum())
-                    step = epoch * niter + it
-                    values = run.step(crops, epoch, step, S)
-                    state["step"] = step + 1
-                    handle(monitor.push(values, step))
+                    pending.append((step, run.step(crops, epoch, step, S)))
+                    if step % cfg["log_every"] == 0 or step == total_steps - 1:
+                        check(log_it=True)
+                    step += 1
                     stopping = stop.agreed(stop_group)
-                    if stopping or state["step"] >= total_steps:
+                    if stopping or step >= total_steps:
                         break
             except MOKDError as e:  # raised here, or in a worker (then it carries the worker's traceback text)
                 raise MOKDError(worker_error_message(e)) from None
-            except RuntimeError:  # a scheduler's SIGTERM to the whole process group also killed the workers
+            except RuntimeError:  # a scheduler's SIGTERM to every process also killed the workers
                 if not (stop.requested and world == 1):
                     raise
                 stopping = True  # the model is at the end of a complete step: save it
             if n_bad:
                 print(f"warning: epoch {epoch} (rank {rank}): {n_bad} unreadable images were skipped", file=sys.stderr)
-            in_epoch = state["step"] - epoch * niter
+            in_epoch = step - epoch * niter
             save(epoch + 1, 0) if in_epoch >= niter else save(epoch, in_epoch)
             if stopping:
-                say(rank, f"stopped by signal after step {state['step']}; relaunch the same command to resume")
+                say(rank, f"stopped by signal after step {step}; relaunch the same command to resume")
                 return None
-            if state["step"] >= total_steps:
-                if state["step"] < cfg["epochs"] * niter:
+            if step >= total_steps:
+                if step < all_steps:
                     say(rank, f"--max-steps {cfg['max_steps']} reached; checkpoint written to {ckpt_path}")
                     return None
                 break
@@ -1076,137 +1306,103 @@ def train(cfg, rank, world, device, stop):
     return run
 
 
-def log_step(cfg, log, step, niter, vals, S, state, total_steps, device, now):
-    epoch = step // niter
+def log_step(cfg, log, step, niter, vals, S, clock, total_steps, device):
+    """One log.jsonl record and one console line for `step` (vals: its 8 terms and 2 entropies)."""
+    now, epoch = time.time(), step // niter
     rec = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in vals.items()},
            "lr_a": float(S["a"]["main"][0][step]), "lr_b": float(S["b"]["main"][0][step]),
            "momentum": float(S["momentum"][step]), "tau_a": float(S["a"]["tau"][epoch]),
            "tau_b": float(S["b"]["tau"][epoch]), "tau_cross": float(S["tau_cross"][epoch]),
-           "images_per_s": round(state["imgs"] / max(now - state["t_log"], 1e-9), 2), "peak_mem_mb": peak_memory_mb(device)}
+           "images_per_s": round(clock["images"] / max(now - clock["t"], 1e-9), 2),
+           "peak_mem_mb": peak_memory_mb(device)}
     for m in "ab":  # cross terms are not computed with lambda 0
         if cfg[f"lam_{m}"] == 0:
             rec[f"{m}.L_cm"] = rec[f"{m}.L_ct"] = None
     log.write(json.dumps(rec) + "\n")
     log.flush()
-    done = state["step"] - state["start"]
-    eta = (now - state["t0"]) / max(done, 1) * (total_steps - state["step"])
-    print(f"step {step + 1}/{total_steps} epoch {epoch} | A: " + " ".join(f"{k} {vals['a.' + k]:.3f}" for k in LOSS_NAMES)
-          + " | B: " + " ".join(f"{k} {vals['b.' + k]:.3f}" for k in LOSS_NAMES)
-          + f" | {rec['images_per_s']:.1f} img/s | ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
-    state["t_log"], state["imgs"] = now, 0
+    terms = " | ".join(f"{m.upper()}: " + " ".join(f"{k} {vals[f'{m}.{k}']:.3f}" for k in LOSS_NAMES) for m in "ab")
+    eta = (now - clock["t0"]) / max(step + 1 - clock["start"], 1) * (total_steps - step - 1)
+    print(f"step {step + 1}/{total_steps} epoch {epoch} | {terms} | {rec['images_per_s']:.1f} img/s | "
+          f"ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
+    clock["t"], clock["images"] = now, 0
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def write_run_info(cfg, world, device):
+    """config.json: the resolved config, versions, hardware and command line."""
+    on_gpu = device.type == "cuda"
+    hardware = torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine()
+    info = {"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "device": hardware, "argv": sys.argv}
+    with open(os.path.join(cfg["output_dir"], "config.json"), "w") as f:
+        json.dump(info, f, indent=1)
 
 
 # ======================================================================================
-# 9. The demo's k-NN check, the benchmark, main.
+# 9. k-NN (the demo's and eval_linear.py's), the demo, main.
 # ======================================================================================
 @torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, num_classes=None, chunk=256):
+    """Weighted k-NN (DINO): cosine similarity of L2-normalised features, vote weights exp(s / T).
+    Returns {k: (top1 %, top5 %)}. Any number of train / test images; memory bounded by `chunk`.
+    Runs on the features' device (a GPU for ImageNet-sized banks)."""
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    C = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    hits = {k: [0, 0] for k in ks}
+    kmax = min(max(ks), len(train_f))
+    for i in range(0, len(test_f), chunk):
+        sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(kmax, dim=1)  # (n, kmax)
+        w, labels, y = (sim / T).exp(), train_y[idx], test_y[i:i + chunk]
+        for k in ks:
+            votes = torch.zeros(len(y), C, device=w.device).scatter_add_(1, labels[:, :k], w[:, :k])  # (n, C)
+            top = votes.topk(min(5, C), dim=1).indices
+            hits[k][0] += (top[:, 0] == y).sum().item()
+            hits[k][1] += (top == y[:, None]).any(1).sum().item()
+    return {k: (100.0 * h1 / len(test_f), 100.0 * h5 / len(test_f)) for k, (h1, h5) in hits.items()}
+
+
+@torch.no_grad()
 def demo_knn(run, cfg, device, rank):
-    """k-NN top-1 (k=20) of both teachers' pooled features on held-out synthetic images."""
+    """k-NN top-1 (k=20, T=0.07, as eval_linear.py --knn) of both teachers' backbone features on held-out synthetic
+    images: a bank and a test set drawn with other seeds than the training images."""
     if rank != 0:
         return None
     tf, size = eval_transform(cfg["global_crop_size"]), max(32, cfg["global_crop_size"])
+
     def images(n, seed):
         pairs = [draw_synthetic(i, seed, size) for i in range(n)]
         return torch.stack([tf(im) for im, _ in pairs]), torch.tensor([y for _, y in pairs])
     n_bank = max(1, 2 * cfg["knn_images"] // 3)
-    (xtr, ytr), (xte, yte) = images(n_bank, cfg["seed"] + 1), images(max(1, cfg["knn_images"] - n_bank), cfg["seed"] + 2)
+    bank_x, bank_y = images(n_bank, cfg["seed"] + 1)
+    test_x, test_y = images(max(1, cfg["knn_images"] - n_bank), cfg["seed"] + 2)
     res = {}
     for m in "ab":
         bb = unwrap(run.teachers[m]).backbone
         bb.eval()  # BatchNorm running statistics; the teacher trains in train mode
-        feats = [torch.cat([bb(x[i:i + 100].to(device))[0].float().cpu() for i in range(0, len(x), 100)]) for x in (xtr, xte)]
+        feats = [torch.cat([bb(x[i:i + 100].to(device))[0].float().cpu() for i in range(0, len(x), 100)])
+                 for x in (bank_x, test_x)]
         bb.train()
-        res[cfg[f"arch_{m}"] + f" ({m.upper()})"] = round(knn_classify(feats[0], ytr, feats[1], yte, (20,))[20][0], 2)
+        top1 = knn_classify(feats[0], bank_y, feats[1], test_y, (20,))[20][0]
+        res[cfg[f"arch_{m}"] + f" ({m.upper()})"] = round(top1, 2)
     say(rank, f"k-NN top-1 (k=20) of the teachers on held-out synthetic images: {res}")
     return res
-
-
-def benchmark(cfg, device):
-    """Images/s, ms/step and peak memory of (a) full MOKD and (b) independent DINO training of the two models
-    (lambda 0, no T-heads, no search) on random tensors of the real crop shapes; plus a FLOP-count ratio and,
-    with --data-path, the DataLoader's own images/s."""
-    from torch.utils.flop_counter import FlopCounterMode
-    B, n, G, l = cfg["batch_size_per_gpu"], cfg["local_crops_number"], cfg["global_crop_size"], cfg["local_crop_size"]
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    crops = [torch.randn(B, 3, G, G, generator=gen) for _ in range(2)] + [torch.randn(B, 3, l, l, generator=gen) for _ in range(n)]
-    crops = [c.to(device) for c in crops]
-    S = build_schedules(cfg, 1000, 1)
-    ep = min(cfg["freeze_last_layer"], cfg["epochs"] - 1)  # past the frozen-last-layer epoch where possible
-    results = {}
-    for name, thead in (("independent", False), ("mokd", True)):
-        c = dict(cfg) if thead else {**cfg, "lam_a": 0.0, "lam_b": 0.0}
-        torch.manual_seed(cfg["seed"])
-        run = Run(c, device, 1, with_thead=thead)
-        with FlopCounterMode(display=False) as fc:
-            run.step(crops, ep, 0, S)
-        with OpCounter() as ops:  # a second step: the first also creates the optimiser state
-            run.step(crops, ep, 0, S)
-        for i in range(3):  # warm-up
-            run.step(crops, ep, i, S)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        for i in range(cfg["benchmark_steps"]):
-            v = run.step(crops, ep, i, S)
-        v.tolist()  # wait for the device
-        dt = (time.perf_counter() - t0) / cfg["benchmark_steps"]
-        results[name] = {"images_per_s": round(B / dt, 2), "ms_per_step": round(1000 * dt, 1),
-                         "peak_mem_mb": peak_memory_mb(device), "gflop_per_step": round(fc.get_total_flops() / 1e9, 2),
-                         "ops_per_step": ops.n}
-        print(f"{name:12s} {results[name]}", flush=True)
-        del run
-    if cfg["data_path"]:
-        results["loader"] = loader_throughput(cfg, device)
-        print(f"{'loader':12s} {results['loader']}", flush=True)
-    ind, mk = results["independent"], results["mokd"]
-    summary = {"benchmark": {k: cfg[k] for k in ("arch_a", "arch_b", "patch_size", "global_crop_size", "local_crop_size",
-                                                  "local_crops_number", "batch_size_per_gpu", "out_dim", "precision", "compile")},
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-               **results, "time_ratio": round(mk["ms_per_step"] / ind["ms_per_step"], 3),
-               "flop_ratio": round(mk["gflop_per_step"] / ind["gflop_per_step"], 3),
-               "ops_ratio": round(mk["ops_per_step"] / ind["ops_per_step"], 3)}
-    print(json.dumps(summary), flush=True)
-    return summary
-
-
-def loader_throughput(cfg, device):
-    """Images/s the DataLoader delivers alone (read, multi-crop augmentation, collation, copy to the device and
-    normalisation) after two batches of start-up: training is loader-bound where this is below the step's images/s."""
-    _, sampler, loader = make_loader(cfg, 0, 1, device)
-    stats = image_stats(device)
-    n = min(cfg["benchmark_steps"], sampler.steps - 2)
-    if n < 1:
-        raise MOKDError(f"--benchmark times the loader on {cfg['data_path']!r}: it needs at least 3 batches of "
-                        f"--batch-size-per-gpu {cfg['batch_size_per_gpu']}, the folder gives {sampler.steps}")
-    batches = iter(loader)
-    for _ in range(2):
-        next(batches)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        crops = normalise(next(batches)[0], *stats)
-    crops[0].sum().item()  # wait for the device
-    dt = (time.perf_counter() - t0) / n
-    return {"images_per_s": round(cfg["batch_size_per_gpu"] / dt, 2), "ms_per_batch": round(1000 * dt, 1),
-            "num_workers": cfg["num_workers"]}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
-        if args.export:
-            if not args.out:
-                raise MOKDError("--export needs --out FILE")
-            return export_backbone(args.export, args.model, args.out)
         cfg = resolve_config(args)
         if cfg["data_path"]:
             check_image_folder(cfg["data_path"])
         validate_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         rank, world, device = setup_distributed(cfg)
         try:
-            if cfg["benchmark"]:
-                return benchmark(cfg, device) if rank == 0 else None
             with StopRequest() as stop:  # installed before anything is built: a signal during start-up still saves
                 train(cfg, rank, world, device, stop)
             return None

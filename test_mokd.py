@@ -15,9 +15,9 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 from torchvision import transforms as T
 
+import benchmark
 import eval_linear
 import mokd
-import mokd_infra
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--patch-size", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32", "--thead-dim", "48",
@@ -326,13 +326,13 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_benchmark_mode_prints_json(capsys, tmp_path):
     cfg = make_cfg(benchmark_steps=1, data_path=make_folder(tmp_path / "data", 4))  # 12 images: 3 batches of 4
-    summary = mokd.benchmark(cfg, torch.device("cpu"))
+    summary = benchmark.benchmark(cfg, torch.device("cpu"))
     assert summary["mokd"]["gflop_per_step"] > summary["independent"]["gflop_per_step"] > 0
     assert summary["mokd"]["ops_per_step"] > summary["independent"]["ops_per_step"] > 0
     assert summary["loader"]["images_per_s"] > 0 and summary["loader"]["num_workers"] == 0
     assert last_json(capsys.readouterr().out)["flop_ratio"] == summary["flop_ratio"]
     with pytest.raises(mokd.MOKDError, match="at least 3 batches"):  # 2 batches: nothing left to time
-        mokd.loader_throughput({**cfg, "batch_size_per_gpu": 6}, torch.device("cpu"))
+        benchmark.loader_throughput({**cfg, "batch_size_per_gpu": 6}, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- integration
@@ -344,7 +344,7 @@ def run_pair_script(tmp_path, epochs, **env):
     small = ["--batch-size-per-gpu", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32",
              "--local-crops-number", "2", "--thead-depth", "1", "--num-workers", "0", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
-    r = subprocess.run(["bash", os.path.join(HERE, "cifar10_pair.sh"), str(data), str(out), str(epochs), *small],
+    r = subprocess.run(["bash", os.path.join(HERE, "experiments", "cifar10_pair.sh"), str(data), str(out), str(epochs), *small],
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r, out
@@ -375,7 +375,7 @@ def test_cifar10_pair_script_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5"])
 def test_cifar10_pair_script_rejects_a_bad_deadline(tmp_path, value):
-    r = subprocess.run(["bash", os.path.join(HERE, "cifar10_pair.sh"), str(tmp_path), str(tmp_path / "out"), "1"],
+    r = subprocess.run(["bash", os.path.join(HERE, "experiments", "cifar10_pair.sh"), str(tmp_path), str(tmp_path / "out"), "1"],
                        capture_output=True, text=True, timeout=60, env={**os.environ, "TRAIN_DEADLINE_S": value})
     assert r.returncode == 2 and f"TRAIN_DEADLINE_S must be a whole number of seconds > 0, got '{value}'" in r.stderr
     assert not (tmp_path / "out").exists()  # nothing started
@@ -437,7 +437,7 @@ def make_folder(root, n_per_class, size=16, seed=0):
     for c in range(3):
         os.makedirs(root / f"class{c}", exist_ok=True)
         for i in range(n_per_class):
-            img, _ = mokd_infra.draw_synthetic(c + 6 * i, seed, size)
+            img, _ = mokd.draw_synthetic(c + 6 * i, seed, size)
             img.save(root / f"class{c}" / f"{i}.png")
     return str(root)
 
@@ -474,7 +474,7 @@ def test_knn_on_hand_made_features():
     # k=3, T=0.07. Point 1: neighbours (1,0) s=1 [class 0], two (0,1) s=0 [class 1]: exp(1/0.07) > 2 -> class 0
     # (a plain majority vote would say class 1). Point 2: two s=1 of class 1 -> 1. Point 3: (-1,0) s=1 -> class 2,
     # wrong. Top-1 = 2/3; top-5 covers all three classes = 100%.
-    res = mokd_infra.knn_classify(train, labels, test, truth, ks=(3,), T=0.07, num_classes=3)
+    res = mokd.knn_classify(train, labels, test, truth, ks=(3,), T=0.07, num_classes=3)
     assert res[3][0] == pytest.approx(200 / 3) and res[3][1] == 100.0
 
 
@@ -484,7 +484,7 @@ def test_knn_any_number_of_test_images(n_test):
     train_f, train_y = torch.randn(50, 8, generator=g), torch.randint(0, 4, (50,), generator=g)
     test_f, test_y = torch.randn(n_test, 8, generator=g), torch.randint(0, 4, (n_test,), generator=g)
     for k in (1, 20, 200):  # k larger than the training set is capped
-        res = mokd_infra.knn_classify(train_f, train_y, test_f, test_y, ks=(k,), num_classes=4, chunk=3)
+        res = mokd.knn_classify(train_f, train_y, test_f, test_y, ks=(k,), num_classes=4, chunk=3)
         assert res[k][0] == pytest.approx(brute_knn_top1(train_f, train_y, test_f, test_y, min(k, 50), 0.07, 4))
 
 
@@ -509,7 +509,7 @@ def test_strict_loading_names_the_key(trained, tmp_path, change):
     path = tmp_path / "bad.pth"
     torch.save(ckpt, path)
     args = eval_linear.build_parser().parse_args(["--checkpoint", str(path), "--model", "b", "--train-path", "x", "--val-path", "x"])
-    with pytest.raises(mokd_infra.MOKDError, match="extra_weight" if change == "extra" else "norm.weight"):
+    with pytest.raises(mokd.MOKDError, match="extra_weight" if change == "extra" else "norm.weight"):
         eval_linear.load_backbone(args)
 
 
@@ -518,7 +518,7 @@ def test_export_round_trips_into_torchvision_and_vit(trained, tmp_path):
     ckpt = torch.load(trained["ckpt"], weights_only=True)
     for model in "ab":
         out = tmp_path / f"{model}.pth"
-        mokd.main(["--export", trained["ckpt"], "--model", model, "--out", str(out)])
+        eval_linear.main(["--checkpoint", trained["ckpt"], "--model", model, "--export", str(out)])
         exported = torch.load(out, weights_only=True)
         meta, sd = exported["meta"], exported["state_dict"]
         ours = mokd.build_backbone(meta["arch"], {**ckpt["config"]}).eval()
@@ -652,7 +652,7 @@ def test_multicrop_any_size_and_mode(w, h, mode, n_local):
     else:
         img = Image.fromarray(arr).convert(mode)
     aug = mokd.MultiCropAugmentation(16, 8, n_local, (0.25, 1.0), (0.05, 0.25))
-    crops = aug(mokd_infra.to_rgb(img))
+    crops = aug(mokd.to_rgb(img))
     assert len(crops) == 2 + n_local
     assert all(c.shape == (3, 16, 16) for c in crops[:2]) and all(c.shape == (3, 8, 8) for c in crops[2:])
     assert all(c.dtype == torch.uint8 for c in crops)
@@ -668,7 +668,7 @@ def test_normalise_on_the_device_equals_totensor_normalize():
 
 def test_sixteen_bit_images_keep_their_contrast():
     img = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
-    rgb = mokd_infra.to_rgb(img)
+    rgb = mokd.to_rgb(img)
     assert rgb.getpixel((1, 0)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (0, 0, 0)
 
 
@@ -731,13 +731,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
 
 def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
-    mokd_infra.atomic_save({"v": torch.ones(3)}, path)
+    mokd.atomic_save({"v": torch.ones(3)}, path)
 
     def fail(*a):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(mokd.os, "replace", fail)
     with pytest.raises(OSError):
-        mokd_infra.atomic_save({"v": torch.zeros(3)}, path)
+        mokd.atomic_save({"v": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
@@ -936,7 +936,7 @@ def test_sigterm_to_the_process_group_with_workers_still_saves(tmp_path):
 
 def test_eval_of_an_exported_backbone_equals_eval_of_the_checkpoint(trained, tmp_path, capsys):
     out = str(tmp_path / "b.pth")
-    mokd.main(["--export", trained["ckpt"], "--model", "b", "--out", out])
+    eval_linear.main(["--checkpoint", trained["ckpt"], "--model", "b", "--export", out])
     common = ["--knn", "--train-path", trained["train"], "--val-path", trained["val"], "--num-workers", "0",
               "--device", "cpu", "--nb-knn", "1", "3"]
     results = []
@@ -978,8 +978,8 @@ def test_a_signal_during_step_k_makes_step_k_the_last(tmp_path, monkeypatch):
             stops[0].requested = True  # as the handler does when a signal arrives during this step
         return values
 
-    real_enter = mokd_infra.StopRequest.__enter__
-    monkeypatch.setattr(mokd_infra.StopRequest, "__enter__", lambda self: stops.append(real_enter(self)) or stops[-1])
+    real_enter = mokd.StopRequest.__enter__
+    monkeypatch.setattr(mokd.StopRequest, "__enter__", lambda self: stops.append(real_enter(self)) or stops[-1])
     monkeypatch.setattr(mokd.Run, "step", step_with_a_signal)
     mokd.main(base)
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["global_step"] == 5
@@ -1052,3 +1052,24 @@ def test_heads_last_layers_run_in_float32_under_autocast():
         t_logits = thead.run(thead.embed(tokens, (2, 2)))
     assert logits.dtype == torch.float32 and t_logits.dtype == torch.float32
     torch.testing.assert_close(logits, head.last_layer(bottleneck.float()), rtol=0, atol=0)
+
+
+def test_mokd_py_is_self_contained(tmp_path):
+    """Copied alone into an empty folder, mokd.py imports (only the standard library, torch, torchvision, numpy
+    and PIL) and trains."""
+    import ast
+    source = open(os.path.join(HERE, "mokd.py")).read()
+    roots = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            roots.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            roots.add(node.module.split(".")[0])
+    assert roots - set(sys.stdlib_module_names) <= {"torch", "torchvision", "numpy", "PIL"}
+    (tmp_path / "mokd.py").write_text(source)
+    code = ("from mokd import THead, search, dino_loss, model_losses, main; "
+            f"main({[*TINY, '--max-steps', '1', '--output-dir', str(tmp_path / 'o')]!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "checkpoint.pth").exists()

@@ -3,18 +3,18 @@
 # (seed, data order, initial weights, augmentations), side by side on one device; then k-NN (k = 20, 200)
 # and a cached-feature linear probe of all four teachers on the test set.
 #
-#   bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [extra mokd.py flags...]
+#   bash experiments/cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [extra mokd.py flags...]
 #   DATA_DIR holds train/ and test/ in ImageFolder layout (e.g. a copy of CIFAR-10 as JPEGs).
 #   PYTHON=/path/to/python picks the interpreter (default: python).
 #   TRAIN_DEADLINE_S=N stops both runs after N seconds of training (SIGTERM: each finishes its step, saves and
 #   exits), then evaluates what they reached: a guard for a fixed time budget. The runs may then differ in steps;
 #   the table reports each run's step count. N must exceed the runs' start-up (seconds), or they die unsaved.
 set -euo pipefail
-data=${1:?usage: bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
-out=${2:?usage: bash cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
+data=${1:?usage: bash experiments/cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
+out=${2:?usage: bash experiments/cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
 epochs=${3:-100}
 shift $(( $# < 3 ? $# : 3 ))
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(cd "$(dirname "$0")/.." && pwd)  # the repository root
 py=${PYTHON:-python}
 if [ -n "${TRAIN_DEADLINE_S:-}" ] && ! [[ "$TRAIN_DEADLINE_S" =~ ^[0-9]+$ && "$TRAIN_DEADLINE_S" -gt 0 ]]; then
     echo "error: TRAIN_DEADLINE_S must be a whole number of seconds > 0, got '$TRAIN_DEADLINE_S'" >&2
