@@ -156,7 +156,9 @@ def extract(feat, dataset, args, device, rank, world):
 # ----------------------------------------------------------------------------- the linear probe
 def accuracy(logits, y):
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return round(100.0 * (top[:, 0] == y).sum().item() / len(y), 3), round(100.0 * (top == y[:, None]).any(1).sum().item() / len(y), 3)
+    top1 = 100.0 * (top[:, 0] == y).sum().item() / len(y)
+    top5 = 100.0 * (top == y[:, None]).any(1).sum().item() / len(y)
+    return round(top1, 3), round(top5, 3)
 
 
 def probe_result(best, last):
@@ -199,7 +201,9 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
     lin = make_linear(dim, num_classes).to(device)
     model = nn.parallel.DistributedDataParallel(lin) if world > 1 else lin
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size_per_gpu, sampler=sampler,
                                          shuffle=sampler is None, num_workers=args.num_workers, drop_last=False,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
@@ -261,6 +265,15 @@ def evaluate(args):
         raise MOKDError(f"--nb-knn must be positive and --temperature > 0, got {args.nb_knn} and {args.temperature}")
     if args.num_workers is None:
         args.num_workers = min(8, os.cpu_count() or 1)
+    if args.output_dir:  # fail now, not after the whole evaluation
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise MOKDError(f"--output-dir {args.output_dir!r} cannot be created or written: {e.strerror or e}")
     cfg0 = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "dist_timeout": 30}
     rank, world, device = mokd.setup_distributed(cfg0)
     bb, cfg, source = load_backbone(args)
@@ -277,7 +290,8 @@ def evaluate(args):
     tf_eval = mokd.eval_transform(size)
     train_eval, val = Folder(args.train_path, tf_eval), Folder(args.val_path, tf_eval)
     if train_eval.classes != val.classes:
-        raise MOKDError(f"--train-path and --val-path have different class folders: {train_eval.classes} vs {val.classes}")
+        raise MOKDError(f"--train-path and --val-path have different class folders: {train_eval.classes} vs "
+                        f"{val.classes}")
     C = len(train_eval.classes)
     mode = "+".join(n for n, on in (("knn", args.knn), ("linear_cached", args.cached_features)) if on) or "linear"
     result = {"mode": mode,
@@ -292,9 +306,14 @@ def evaluate(args):
     lin = None
     if args.knn:
         if rank == 0:
+            for k in args.nb_knn:
+                if k > len(train_f):
+                    print(f"warning: --nb-knn {k} exceeds the {len(train_f)} training images: that k votes with all "
+                          f"{len(train_f)} (reported as k_used)", file=sys.stderr, flush=True)
             res = mokd.knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
-                                          args.temperature, C)
-            result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3)} for k, (a, b) in res.items()}
+                                    args.temperature, C)
+            result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3), "k_used": min(k, len(train_f))}
+                             for k, (a, b) in res.items()}
     if args.cached_features:
         if rank == 0:
             lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr, device)
@@ -312,7 +331,8 @@ def evaluate(args):
         print_table(result)
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
-            name = f"eval_{result['mode']}_{args.model if args.checkpoint else arch}"
+            who = f"model_{args.model}_{args.which}" if args.checkpoint else f"backbone_{arch}"
+            name = f"eval_{result['mode']}_{who}"  # one file per model and teacher / student
             with open(os.path.join(args.output_dir, name + ".json"), "w") as f:
                 json.dump(result, f, indent=1)
             if lin is not None:

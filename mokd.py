@@ -62,19 +62,32 @@ class MOKDError(Exception):
 
 
 # ======================================================================================
-# 1. Config. Defaults are the authors' ImageNet recipe; `python mokd.py` without --data-path
-#    fills unset flags from DEMO instead; per-model flags (-a / -b) default from the model's family.
+# 1. Config. A recipe (--recipe) fills every flag left unset: `demo` without --data-path, `imagenet` with it;
+#    per-model flags (-a / -b) default from the model's family. A flag given explicitly always wins.
 # ======================================================================================
-RECIPE = dict(arch_a="resnet18", arch_b="vit_small", patch_size=16, out_dim=65536, epochs=100,
-              batch_size_per_gpu=32, global_crop_size=224, local_crop_size=96, local_crops_number=8,
-              global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), log_every=50,
-              warmup_epochs=10, momentum_teacher=0.996)
-# The demo: small enough for ~3 minutes on 2 CPU cores (16 px synthetic shapes, short warm-ups).
-DEMO = dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, out_dim=1024, epochs=4,
-            batch_size_per_gpu=32, global_crop_size=16, local_crop_size=8, local_crops_number=4,
-            global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), log_every=8,
-            warmup_epochs=1, momentum_teacher=0.99)
-FAMILY = {  # authors' per-family recipe (spec: Optimisation)
+SHAPES = ("arch_a", "arch_b", "patch_size", "global_crop_size", "local_crop_size", "local_crops_number",
+          "global_crops_scale", "local_crops_scale")
+RECIPES = {
+    # The authors' ImageNet recipe: ResNet-18 + ViT-S/16, 2 x 224 + 8 x 96 px crops, 100 epochs.
+    "imagenet": dict(arch_a="resnet18", arch_b="vit_small", patch_size=16, global_crop_size=224, local_crop_size=96,
+                     local_crops_number=8, global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25),
+                     out_dim=65536, epochs=100, batch_size_per_gpu=32, warmup_epochs=10, momentum_teacher=0.996,
+                     warmup_teacher_temp=0.04, teacher_temp=0.07, cross_warmup_teacher_temp_epochs=30,
+                     freeze_last_layer=1, log_every=50),
+    # 32 px images (CIFAR-10): ResNet-18 with the CIFAR stem + ViT-tiny/4, 2 x 32 + 6 x 16 px, K = 4096.
+    "cifar10": dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, global_crop_size=32, local_crop_size=16,
+                    local_crops_number=6, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
+                    out_dim=4096, epochs=100, batch_size_per_gpu=256, warmup_epochs=10, momentum_teacher=0.996,
+                    warmup_teacher_temp=0.04, teacher_temp=0.07, cross_warmup_teacher_temp_epochs=30,
+                    freeze_last_layer=1, log_every=20),
+    # The demo: a few minutes on 2 CPU cores (16 px synthetic shapes, short warm-ups); see README.
+    "demo": dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, global_crop_size=16, local_crop_size=8,
+                 local_crops_number=4, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
+                 out_dim=1024, epochs=4, batch_size_per_gpu=32, warmup_epochs=1, momentum_teacher=0.99,
+                 warmup_teacher_temp=0.04, teacher_temp=0.07, cross_warmup_teacher_temp_epochs=30,
+                 freeze_last_layer=1, log_every=8),
+}
+FAMILY = {  # authors' per-family recipe (spec: Optimisation); a recipe may override a key as e.g. lr_b
     "resnet": dict(optimizer="sgd", lr=0.1, min_lr=0.0048, weight_decay=1e-4, weight_decay_end=1e-4,
                    warmup_teacher_temp_epochs=50, lam=1.0, clip_grad=3.0, norm_last_layer=True),
     "vit": dict(optimizer="adamw", lr=3e-4, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.4,
@@ -82,9 +95,8 @@ FAMILY = {  # authors' per-family recipe (spec: Optimisation)
 }
 PER_MODEL = list(FAMILY["resnet"])
 # Keys that must match between a checkpoint and the run that resumes it.
-GEOMETRY_KEYS = ("arch_a", "arch_b", "patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads",
-                 "head_hidden_dim", "bottleneck_dim", "global_crop_size", "local_crop_size",
-                 "local_crops_number", "global_crops_scale", "local_crops_scale", "stem")
+GEOMETRY_KEYS = SHAPES + ("out_dim", "thead_dim", "thead_depth", "thead_heads", "head_hidden_dim", "bottleneck_dim",
+                          "stem")
 
 
 def family(arch):
@@ -99,49 +111,81 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; a flag without one names its recipe or family values in its own help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def recipe_help(key, text):
+    """`text` plus the value each recipe gives `key`, e.g. "(recipe: imagenet 100, cifar10 100, demo 4)"."""
+    values = ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items())
+    return f"{text} (recipe: {values})"
+
+
+def per_model_help(key, m, text):
+    """`text` plus the family defaults of `key` and any recipe's override of it for model m."""
+    families = ", ".join(f"{fam} {FAMILY[fam][key]}" for fam in FAMILY)
+    overrides = "".join(f"; recipe {name}: {r[f'{key}_{m}']}" for name, r in RECIPES.items() if f"{key}_{m}" in r)
+    return f"model {m.upper()}: {text} (family default: {families}{overrides})"
+
+
 def build_parser():
-    p = argparse.ArgumentParser("mokd", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("mokd", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
-    g = "(recipe default; the demo's without --data-path)"
-    a("--arch-a", default=None, help=f"model A, one of {ARCHS} {g}")
-    a("--arch-b", default=None, help=f"model B {g}")
-    a("--patch-size", type=int, default=None, help=f"ViT patch size; 4 suits 32 px images {g}")
+    a("--recipe", default=None, choices=list(RECIPES),
+      help="preset of every flag left unset (default: demo without --data-path, imagenet with it)")
+    a("--arch-a", default=None, help=recipe_help("arch_a", f"model A, one of {ARCHS}"))
+    a("--arch-b", default=None, help=recipe_help("arch_b", "model B"))
+    a("--patch-size", type=int, default=None, help=recipe_help("patch_size", "ViT patch size"))
     a("--drop-path", type=float, default=0.1, help="stochastic depth of ViT students (teachers: none)")
     a("--stem", default="auto", choices=["auto", "imagenet", "cifar"],
       help="ResNet stem; auto = cifar (3x3 conv, stride 1, no max-pool) when the global crop is <= 64 px")
-    a("--out-dim", type=int, default=None, help=f"K, the heads' output dimension {g}")
+    a("--out-dim", type=int, default=None, help=recipe_help("out_dim", "K, the heads' output dimension"))
     a("--head-hidden-dim", type=int, default=2048, help="MLP head hidden width (DINO)")
     a("--bottleneck-dim", type=int, default=256, help="MLP head bottleneck width (DINO)")
     a("--thead-dim", type=int, default=None, help="T-head width d (default, the authors' rule: the ViT's width, the "
       "wider one with two ViTs, 384 with two CNNs)")
     a("--thead-depth", type=int, default=3, help="transformer blocks in the T-head")
     a("--thead-heads", type=int, default=6, help="attention heads in the T-head")
-    a("--thead-lr", type=float, default=3e-4, help="peak lr of a CNN's T-head (transformer schedule)")
-    a("--thead-min-lr", type=float, default=1e-5, help="final lr of a CNN's T-head")
+    a("--thead-lr", type=float, default=3e-4, help="peak lr of a CNN's T-head (transformer schedule; scaled by "
+      "global batch / 256)")
+    a("--thead-min-lr", type=float, default=1e-5, help="final lr of a CNN's T-head (not scaled)")
     a("--thead-weight-decay", type=float, default=0.04, help="start weight decay of a CNN's T-head")
     a("--thead-weight-decay-end", type=float, default=0.4, help="final weight decay of a CNN's T-head")
+    per_model = (("optimizer", None, "optimiser"), ("lr", float, "peak lr, scaled by global batch / 256"),
+                 ("min_lr", float, "final lr (not scaled)"), ("weight_decay", float, "start weight decay"),
+                 ("weight_decay_end", float, "final weight decay"),
+                 ("warmup_teacher_temp_epochs", int, "epochs of the self terms' teacher-temperature warm-up"),
+                 ("lam", float, "lambda, the weight of the cross terms"),
+                 ("clip_grad", float, "per-tensor gradient-norm clip"),
+                 ("norm_last_layer", str2bool, "freeze weight_g of the MLP head's last layer"))
     for m in "ab":
-        a(f"--optimizer-{m}", default=None, choices=["sgd", "adamw"], help=f"model {m.upper()}: family default")
-        for key, typ in (("lr", float), ("min-lr", float), ("weight-decay", float), ("weight-decay-end", float),
-                         ("warmup-teacher-temp-epochs", int), ("lambda", float), ("clip-grad", float)):
-            a(f"--{key}-{m}", type=typ, default=None, dest=f"{key.replace('-', '_').replace('lambda', 'lam')}_{m}",
-              help=f"model {m.upper()}: family default" + (" (scaled by global batch / 256)" if "lr" in key else ""))
-        a(f"--norm-last-layer-{m}", type=str2bool, default=None,
-          help="freeze weight_g of the MLP head's last layer (family default)")
-    a("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
-    a("--teacher-temp", type=float, default=0.07, help="final teacher temperature")
-    a("--cross-warmup-teacher-temp-epochs", type=int, default=30, help="warm-up of the cross terms' temperature")
-    a("--momentum-teacher", type=float, default=None, help=f"initial EMA momentum, cosine to 1 {g}")
-    a("--epochs", type=int, default=None, help=f"training epochs {g}")
-    a("--warmup-epochs", type=int, default=None, help=f"linear lr warm-up epochs, clamped to --epochs {g}")
-    a("--freeze-last-layer", type=int, default=1, help="epochs during which the heads' last layers stay fixed")
-    a("--batch-size-per-gpu", type=int, default=None, help=f"images per process {g}")
-    a("--global-crop-size", type=int, default=None, help=g)
-    a("--local-crop-size", type=int, default=None, help=g)
-    a("--local-crops-number", type=int, default=None, help=g)
-    a("--global-crops-scale", type=float, nargs=2, default=None, help=g)
-    a("--local-crops-scale", type=float, nargs=2, default=None, help=g)
+        for key, typ, text in per_model:
+            name = "--" + key.replace("lam", "lambda").replace("_", "-") + f"-{m}"
+            choices = ["sgd", "adamw"] if key == "optimizer" else None
+            a(name, type=typ, default=None, choices=choices, dest=f"{key}_{m}", help=per_model_help(key, m, text))
+    a("--warmup-teacher-temp", type=float, default=None,
+      help=recipe_help("warmup_teacher_temp", "initial teacher temperature"))
+    a("--teacher-temp", type=float, default=None, help=recipe_help("teacher_temp", "final teacher temperature"))
+    a("--cross-warmup-teacher-temp-epochs", type=int, default=None,
+      help=recipe_help("cross_warmup_teacher_temp_epochs", "warm-up epochs of the cross terms' temperature"))
+    a("--momentum-teacher", type=float, default=None,
+      help=recipe_help("momentum_teacher", "initial EMA momentum, cosine to 1"))
+    a("--epochs", type=int, default=None, help=recipe_help("epochs", "training epochs"))
+    a("--warmup-epochs", type=int, default=None,
+      help=recipe_help("warmup_epochs", "linear lr warm-up epochs, clamped to --epochs"))
+    a("--freeze-last-layer", type=int, default=None,
+      help=recipe_help("freeze_last_layer", "epochs during which the heads' last layers stay fixed"))
+    a("--batch-size-per-gpu", type=int, default=None, help=recipe_help("batch_size_per_gpu", "images per process"))
+    a("--global-crop-size", type=int, default=None, help=recipe_help("global_crop_size", "global crops, px"))
+    a("--local-crop-size", type=int, default=None, help=recipe_help("local_crop_size", "local crops, px"))
+    a("--local-crops-number", type=int, default=None, help=recipe_help("local_crops_number", "local crops"))
+    a("--global-crops-scale", type=float, nargs=2, default=None,
+      help=recipe_help("global_crops_scale", "area range of the global crops"))
+    a("--local-crops-scale", type=float, nargs=2, default=None,
+      help=recipe_help("local_crops_scale", "area range of the local crops"))
     a("--data-path", default=None, help="ImageFolder tree; without it, a built-in synthetic dataset")
     a("--synthetic-size", type=int, default=768, help="images in the synthetic dataset (no --data-path)")
     a("--knn-images", type=int, default=900,
@@ -151,11 +195,13 @@ def build_parser():
     a("--num-workers", type=int, default=None, help="DataLoader workers per process (default: min(8, cpus))")
     a("--output-dir", default="output", help="checkpoint.pth, log.jsonl and config.json go here")
     a("--resume", default=None, help="resume from this checkpoint (default: OUTPUT_DIR/checkpoint.pth if present)")
-    a("--seed", type=int, default=0)
+    a("--saveckp-freq", type=int, default=0, help="also keep checkpoint0010.pth ... every N epochs (0: only "
+      "checkpoint.pth, overwritten at each epoch)")
+    a("--seed", type=int, default=0, help="seed of the initial weights, the data order and the augmentations")
     a("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     a("--max-steps", type=int, default=None, help="stop after N optimiser steps (writes a checkpoint)")
-    a("--log-every", type=int, default=None, help=f"steps between log.jsonl records {g}")
+    a("--log-every", type=int, default=None, help=recipe_help("log_every", "steps between log.jsonl records"))
     a("--dist-timeout", type=float, default=30, help="minutes a collective may wait for another rank")
     a("--compile", action="store_true", help="torch.compile students and teachers")
     a("--grad-checkpointing", action="store_true", help="recompute ViT blocks in backward to save memory")
@@ -163,11 +209,13 @@ def build_parser():
 
 
 def resolve_config(args):
-    """Fill unset flags (demo or recipe, then family defaults) and return a plain dict. Overrides nothing set."""
+    """Fill unset flags (the recipe's, then family defaults) and return a plain dict. Overrides nothing set."""
     # DEVIATION: the authors' loop overrides some flags; per-model values here are flags with family defaults.
     cfg = vars(args).copy()
-    base = DEMO if cfg["data_path"] is None else RECIPE
-    for k, v in base.items():
+    if cfg["recipe"] is None:
+        cfg["recipe"] = "demo" if cfg["data_path"] is None else "imagenet"
+    recipe = RECIPES[cfg["recipe"]]
+    for k, v in recipe.items():
         if cfg[k] is None:
             cfg[k] = v
     for m in "ab":
@@ -223,7 +271,7 @@ def validate_config(cfg, world_size):
               "synthetic_size", "knn_images", "max_steps"):
         if cfg[k] is not None and cfg[k] < 1:
             bad(f"{flag(k)} must be a positive integer, got {cfg[k]}")
-    for k in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "num_workers",
+    for k in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "num_workers", "saveckp_freq",
               "cross_warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs_a", "warmup_teacher_temp_epochs_b"):
         if cfg[k] < 0:
             bad(f"{flag(k)} must be >= 0, got {cfg[k]}")
@@ -310,6 +358,46 @@ def check_image_folder(path, flag="--data-path"):
             if any(f.lower().endswith(exts) for f in files):
                 return
     raise MOKDError(f"{flag} {path!r} has class folders but no image files ({', '.join(exts)})")
+
+
+def survey_image_folder(root, samples, crop_size):
+    """Warnings about an ImageFolder tree: image files the loader skips (formats it does not read, files outside a
+    class folder), files it reads more than once (one file reached by several paths), images far smaller than the
+    global crops. Each names a count and an example path."""
+    read = torchvision.datasets.folder.IMG_EXTENSIONS
+    image_like = {e for e in Image.registered_extensions() if e not in read} | {".heic", ".heif", ".avif"}
+    skipped = []
+    for dirpath, _, files in os.walk(root, followlinks=True):
+        for name in files:
+            ext = os.path.splitext(name)[1].lower()
+            if ext in image_like or (os.path.samefile(dirpath, root) and ext in read):
+                skipped.append(os.path.join(dirpath, name))
+    warnings = []
+    if skipped:
+        warnings.append(f"{len(skipped)} image files under {root!r} are not read (a format the loader does not read "
+                        f"({', '.join(read)}), or outside a class folder), e.g. {', '.join(skipped[:3])}")
+    seen, repeats = {}, []
+    for path, _ in samples:
+        real = os.path.realpath(path)
+        if real in seen:
+            repeats.append(f"{path} = {seen[real]}")
+        seen.setdefault(real, path)
+    if repeats:
+        warnings.append(f"{len(repeats)} images are read more than once (one file reached by several paths, e.g. "
+                        f"through a symbolic link), e.g. {repeats[0]}")
+    short_sides = []
+    for path, _ in samples[:: max(1, len(samples) // 16)][:16]:
+        try:
+            with Image.open(path) as img:
+                short_sides.append(min(img.size))
+        except Exception:  # an unreadable file is reported when the loader reaches it
+            continue
+    median = sorted(short_sides)[len(short_sides) // 2] if short_sides else crop_size
+    if median < crop_size / 2:
+        fits = "cifar10" if median <= 48 else "imagenet"
+        warnings.append(f"the images under {root!r} are about {median} px on their short side, far smaller than the "
+                        f"{crop_size} px global crops; --recipe {fits} fits them")
+    return warnings
 
 
 SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes")  # draw_synthetic's labels 0-5
@@ -1009,7 +1097,6 @@ def restore(run, saved, path, niter, rank, world):
             torch.cuda.set_rng_state(rngs[rank]["cuda"])
     else:  # another number of processes: correct, not bit-identical
         torch.manual_seed(run.cfg["seed"] + rank + 1000 * saved["global_step"])
-    say(rank, f"resumed from {path}: epoch {epoch}, step {it}/{niter}")
     return epoch, it
 
 
@@ -1202,9 +1289,9 @@ def train(cfg, rank, world, device, stop):
         saved = load_checkpoint(resume)
         check_resume_config(saved["config"], cfg, resume)
     ds, sampler, loader = make_loader(cfg, rank, world, device)
-    if not cfg["data_path"]:
-        say(rank, f"no --data-path: training on the built-in synthetic dataset ({len(ds)} images of "
-                  f"{len(SyntheticMultiCrop.classes)} shape classes: {', '.join(SyntheticMultiCrop.classes)})")
+    if cfg["data_path"] and rank == 0:
+        for warning in survey_image_folder(cfg["data_path"], ds.samples, cfg["global_crop_size"]):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     run = Run(cfg, device, world)
     niter = sampler.steps
@@ -1212,17 +1299,25 @@ def train(cfg, rank, world, device, stop):
     start_epoch, start_it = restore(run, saved, resume, niter, rank, world) if saved else (0, 0)
     if not saved:
         torch.manual_seed(cfg["seed"] + rank)  # per-rank randomness (drop-path)
+    saved_step = saved["global_step"] if saved else None
     del saved
     all_steps = cfg["epochs"] * niter
     total_steps = all_steps if cfg["max_steps"] is None else min(all_steps, cfg["max_steps"])
-    demo = not cfg["data_path"] and total_steps == all_steps  # the demo reports k-NN before / after
-    knn_before = demo_knn(run, cfg, device, rank) if demo and start_epoch == start_it == 0 else None
-    if rank == 0:
-        write_run_info(cfg, world, device)
     done = start_epoch * niter + start_it
-    if done >= total_steps and cfg["max_steps"] is not None:  # relaunch of a run that reached --max-steps
+    evaluate = evaluation_command(cfg, ckpt_path)
+    if done >= all_steps:  # relaunch of a finished run
+        say(rank, f"{resume} is a finished run ({cfg['epochs']} epochs, {done} steps): nothing to do. {evaluate}")
+        return None
+    if done >= total_steps:  # relaunch of a run that reached --max-steps
         say(rank, f"{resume} is already at step {done} (--max-steps {cfg['max_steps']}): nothing to do")
         return None
+    if saved_step is not None:
+        say(rank, f"resumed from {resume}: epoch {start_epoch}, step {start_it}/{niter}")
+    if rank == 0:
+        write_run_info(cfg, world, device)
+        print(run_summary(cfg, ds, niter, total_steps, world, device, S), flush=True)
+    demo = not cfg["data_path"] and total_steps == all_steps  # the demo reports k-NN before / after
+    knn_before = demo_knn(run, cfg, device, rank) if demo and done == 0 else None
     stats = image_stats(device)
     # Every rank learns of a signal after each step (on the CPU: no GPU sync), so all stop after the same step.
     stop_group = None if world == 1 else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
@@ -1259,8 +1354,11 @@ def train(cfg, rank, world, device, stop):
         check(log_it=False)  # never save a state whose last steps were non-finite
         rng = gather_rng_states(world)
         if rank == 0:
-            atomic_save({"config": cfg, "epoch": epoch, "step_in_epoch": it, "global_step": epoch * niter + it,
-                         "steps_per_epoch": niter, "rng": rng, **run.state()}, ckpt_path)
+            state = {"config": cfg, "epoch": epoch, "step_in_epoch": it, "global_step": epoch * niter + it,
+                     "steps_per_epoch": niter, "rng": rng, **run.state()}
+            atomic_save(state, ckpt_path)
+            if cfg["saveckp_freq"] and it == 0 and epoch % cfg["saveckp_freq"] == 0:  # DINO's --saveckp_freq
+                atomic_save(state, os.path.join(out, f"checkpoint{epoch:04d}.pth"))
         last_ckpt = ckpt_path
 
     step = done
@@ -1300,10 +1398,37 @@ def train(cfg, rank, world, device, stop):
     finally:
         if log:
             log.close()
+    say(rank, f"finished: {cfg['epochs']} epochs, {step} steps; checkpoint: {ckpt_path}. {evaluate}")
     if rank == 0 and demo:
-        after = demo_knn(run, cfg, device, rank)
-        say(rank, json.dumps({"knn_top1_before": knn_before, "knn_top1_after": after}))
+        demo_report(cfg, knn_before, demo_knn(run, cfg, device, rank), log_path, ckpt_path)
     return run
+
+
+def run_summary(cfg, ds, niter, total_steps, world, device, S):
+    """What the run is, printed at its start on rank 0."""
+    data = cfg["data_path"] or "the built-in synthetic shapes (no --data-path)"
+    classes = getattr(ds, "classes", ())
+    lr = ", ".join(f"{m.upper()} {S[m]['main'][0].max():.3g} ({cfg[f'optimizer_{m}']})" for m in "ab")
+    global_batch = cfg["batch_size_per_gpu"] * world
+    return (f"recipe {cfg['recipe']}: {cfg['arch_a']} (A) + {cfg['arch_b']} (B), T-head width {cfg['thead_dim']}, "
+            f"K {cfg['out_dim']}, crops 2 x {cfg['global_crop_size']} + {cfg['local_crops_number']} x "
+            f"{cfg['local_crop_size']} px\n"
+            f"data: {data}: {len(ds)} images, {len(classes)} classes\n"
+            f"{niter} steps per epoch x {cfg['epochs']} epochs = {cfg['epochs'] * niter} steps"
+            f"{f' (this launch stops at {total_steps})' if total_steps < cfg['epochs'] * niter else ''}; "
+            f"global batch {global_batch} ({cfg['batch_size_per_gpu']} per process x {world}); peak lr {lr}\n"
+            f"precision {cfg['precision']} on {world} x {device.type}; output: {cfg['output_dir']}")
+
+
+def evaluation_command(cfg, ckpt_path):
+    """The command that evaluates a checkpoint of this run (k-NN of model A's teacher)."""
+    train_path, val_path = cfg["data_path"] or "TRAIN_DIR", "VAL_DIR"
+    if cfg["data_path"]:
+        parent = os.path.dirname(os.path.normpath(train_path))
+        val_path = next((os.path.join(parent, d) for d in ("val", "test") if os.path.isdir(os.path.join(parent, d))),
+                        val_path)
+    return (f"Evaluate: python eval_linear.py --checkpoint {ckpt_path} --model a --knn --train-path {train_path} "
+            f"--val-path {val_path}")
 
 
 def log_step(cfg, log, step, niter, vals, S, clock, total_steps, device):
@@ -1391,6 +1516,37 @@ def demo_knn(run, cfg, device, rank):
         res[cfg[f"arch_{m}"] + f" ({m.upper()})"] = round(top1, 2)
     say(rank, f"k-NN top-1 (k=20) of the teachers on held-out synthetic images: {res}")
     return res
+
+
+def demo_report(cfg, before, after, log_path, ckpt_path):
+    """What the demo shows: both teachers' k-NN before and after, their entropy against log K, each loss term's
+    first and last logged value, where the checkpoint is and what to try next. The last line is one JSON object."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
+    first, last = records[0], records[-1]
+    log_k = math.log(cfg["out_dim"])
+    n_test = cfg["knn_images"] - 2 * cfg["knn_images"] // 3
+    print(f"\nk-NN top-1 (k = 20) of the teachers on {n_test} held-out synthetic images "
+          f"(chance {100 / len(SYNTHETIC_CLASSES):.1f} %), and the teacher's entropy (log K = {log_k:.2f}):")
+    print(f"  {'teacher':<15}{'before':>8}{'after':>8}{'change':>8}{'entropy':>9}")
+    entropy_after = {}
+    for m, name in zip("ab", after):
+        entropy_after[name] = round(last[f"{m}.entropy"], 3)
+        if before is None:  # a resumed run: the k-NN before training was measured by the first launch
+            print(f"  {name:<15}{'-':>8}{after[name]:>8.2f}{'-':>8}{entropy_after[name]:>9.2f}")
+            continue
+        change = after[name] - before[name]
+        print(f"  {name:<15}{before[name]:>8.2f}{after[name]:>8.2f}{change:>+8.2f}{entropy_after[name]:>9.2f}")
+    print(f"loss terms, logged step {first['step']} -> {last['step']}:")
+    for m in "ab":
+        terms = [f"{k} {first[f'{m}.{k}']:.2f} -> {last[f'{m}.{k}']:.2f}" for k in LOSS_NAMES
+                 if first[f"{m}.{k}"] is not None]
+        print(f"  {m.upper()}: " + ", ".join(terms))
+    print(f"checkpoint: {ckpt_path}\nnext: train on your images, e.g. the CIFAR-10 recipe "
+          f"`python mokd.py --recipe cifar10 --data-path data/cifar10/train`, then evaluate it with "
+          f"`python eval_linear.py --checkpoint OUT/checkpoint.pth --model a --knn --train-path TRAIN --val-path VAL`")
+    print(json.dumps({"knn_top1_before": before, "knn_top1_after": after, "teacher_entropy": entropy_after,
+                      "log_K": round(log_k, 3)}), flush=True)
 
 
 def main(argv=None):

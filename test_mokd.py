@@ -424,7 +424,11 @@ def test_demo_cli_mixed_pair_runs_and_reports_knn(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "synthetic" in r.stdout
     res = last_json(r.stdout)
-    assert set(res) == {"knn_top1_before", "knn_top1_after"}
+    assert {"knn_top1_before", "knn_top1_after"} <= set(res)
+    assert set(res["teacher_entropy"]) == set(res["knn_top1_after"]) == {"resnet18 (A)", "vit_tiny (B)"}
+    for part in ("before", "after", "change", "entropy", "log K = 4.16", "loss terms, logged step 0 -> 7",
+                 "L_ct", f"checkpoint: {tmp_path / 'checkpoint.pth'}", "--recipe cifar10"):
+        assert part in r.stdout, part
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert {"a.entropy", "lr_a", "momentum", "tau_cross", "images_per_s", "peak_mem_mb"} <= set(log[0])
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
@@ -551,7 +555,7 @@ def test_eval_end_to_end_knn_cached_and_full_probe(trained, capsys):
             assert set(last["knn"]) == {"10", "20", "100", "200"} and all(0 <= v["top1"] <= 100 for v in last["knn"].values())
         else:
             assert 0 <= last["linear"]["best_top1"] <= 100
-    assert os.path.exists(trained["root"] / "eval" / "eval_linear_a_linear.pth")
+    assert os.path.exists(trained["root"] / "eval" / "eval_linear_model_a_teacher_linear.pth")
 
 
 def test_eval_knn_and_cached_probe_in_one_call_equal_separate_calls(trained, capsys):
@@ -1073,3 +1077,106 @@ def test_mokd_py_is_self_contained(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "checkpoint.pth").exists()
+
+
+# ----------------------------------------------------------------------------- recipes, help, what a run says
+def parse(*argv):
+    return mokd.resolve_config(mokd.build_parser().parse_args(list(argv)))
+
+
+def test_named_recipes_fill_unset_flags_and_explicit_flags_win(tmp_path):
+    assert parse()["recipe"] == "demo" and parse()["out_dim"] == mokd.RECIPES["demo"]["out_dim"]
+    assert parse("--data-path", "d")["recipe"] == "imagenet"
+    cifar = parse("--data-path", "d", "--recipe", "cifar10")
+    assert {k: cifar[k] for k in mokd.RECIPES["cifar10"] if "_" in k or k in cifar} == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in mokd.RECIPES["cifar10"].items()}
+    assert cifar["thead_dim"] == 192 and cifar["stem"] == "cifar"
+    assert parse("--data-path", "d", "--recipe", "cifar10", "--out-dim", "128", "--teacher-temp", "0.05")[
+        "out_dim"] == 128
+    assert parse("--recipe", "imagenet", "--teacher-temp", "0.05")["teacher_temp"] == 0.05
+
+
+def test_help_names_every_default_and_tells_which_lrs_are_scaled():
+    parser = mokd.build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    for action in parser._actions:
+        assert action.help, action.option_strings
+        key = action.dest
+        if key in mokd.RECIPES["imagenet"]:
+            for name, recipe in mokd.RECIPES.items():
+                assert f"{name} {recipe[key]}" in action.help, (key, name)
+    # A flag whose help says "scaled by global batch / 256" is scaled in the schedules; the others are not.
+    helps = {a.dest: a.help for a in parser._actions}
+    cfg = parse("--arch-a", "resnet18", "--arch-b", "vit_tiny")
+    for key, sched, index in (("lr_a", "main", 0), ("min_lr_a", "main", -1), ("lr_b", "main", 0),
+                              ("min_lr_b", "main", -1), ("thead_lr", "thead", 0), ("thead_min_lr", "thead", -1)):
+        model = "b" if key.endswith("_b") else "a"
+        peak = {w: mokd.build_schedules({**cfg, "warmup_epochs": 0, "batch_size_per_gpu": 128}, 10, w)[model][sched][0]
+                for w in (1, 2)}
+        scaled = abs(peak[2][index] - 2 * peak[1][index]) < 1e-12
+        assert scaled == ("scaled by global batch / 256" in helps[key]), key
+
+
+def test_start_summary_end_message_and_a_finished_relaunch(tmp_path):
+    base = [*TINY, "--arch-a", "vit_tiny", "--arch-b", "resnet18", "--epochs", "1", "--output-dir", str(tmp_path)]
+    r = run_cli(base)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for part in ("recipe demo: vit_tiny (A) + resnet18 (B)", "32 images, 6 classes", "8 steps per epoch x 1 epochs = 8",
+                 "global batch 4 (4 per process x 1)", "peak lr A", "precision fp32 on 1 x cpu", f"output: {tmp_path}",
+                 f"finished: 1 epochs, 8 steps; checkpoint: {tmp_path / 'checkpoint.pth'}",
+                 "python eval_linear.py --checkpoint"):
+        assert part in r.stdout, part
+    again = run_cli(base)
+    assert again.returncode == 0 and "is a finished run (1 epochs, 8 steps): nothing to do" in again.stdout
+    assert "resumed from" not in again.stdout
+
+
+def test_periodic_checkpoints_are_kept(tmp_path):
+    mokd.main([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--epochs", "2", "--saveckp-freq", "1",
+               "--output-dir", str(tmp_path)])
+    first, last = (torch.load(tmp_path / f"checkpoint000{e}.pth", weights_only=True) for e in (1, 2))
+    assert first["epoch"] == 1 and last["epoch"] == 2
+    final, _ = checkpoint_tensors(tmp_path / "checkpoint.pth")
+    periodic, _ = checkpoint_tensors(tmp_path / "checkpoint0002.pth")
+    assert all(torch.equal(final[k], periodic[k]) for k in final)
+
+
+def test_data_the_loader_skips_or_repeats_is_reported(tmp_path, capfd):
+    root = make_folder(tmp_path / "data", 3)
+    Image.new("RGB", (16, 16)).save(os.path.join(root, "class0", "animated.gif"))
+    Image.new("RGB", (16, 16)).save(os.path.join(root, "stray.png"))  # outside any class folder
+    os.symlink(os.path.join(root, "class1"), os.path.join(root, "class2", "again"))
+    mokd.main([*TINY, "--arch-b", "vit_tiny", "--data-path", root, "--max-steps", "1", "--output-dir",
+               str(tmp_path / "o")])
+    err = capfd.readouterr().err
+    assert "2 image files under" in err and "animated.gif" in err
+    assert "3 images are read more than once" in err and os.path.join("class2", "again") in err
+
+
+def test_images_far_smaller_than_the_recipe_crops_are_warned_about(tmp_path, capfd):
+    root = make_folder(tmp_path / "data", 2)  # 16 px images under the ImageNet recipe's 224 px crops (small models)
+    mokd.main(["--data-path", root, "--recipe", "imagenet", "--device", "cpu", "--arch-a", "vit_tiny", "--arch-b",
+               "vit_tiny", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32", "--thead-depth", "1",
+               "--local-crops-number", "1", "--batch-size-per-gpu", "2", "--num-workers", "0", "--max-steps", "1",
+               "--output-dir", str(tmp_path / "o")])
+    assert "far smaller than the 224 px global crops; --recipe cifar10 fits them" in capfd.readouterr().err
+
+
+def test_eval_output_names_an_unwritable_dir_at_once_and_never_overwrites(trained, tmp_path, capsys):
+    common = ["--checkpoint", trained["ckpt"], "--train-path", trained["train"], "--val-path", trained["val"],
+              "--num-workers", "0", "--device", "cpu", "--knn", "--nb-knn", "3", "100"]
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit):
+        eval_linear.main(common + ["--output-dir", str(blocker / "out")])
+    captured = capsys.readouterr()
+    assert "--output-dir" in captured.err and "cannot be created or written" in captured.err
+    assert "k-NN" not in captured.out  # stopped before evaluating
+    out = tmp_path / "out"
+    for which in ("teacher", "student"):
+        eval_linear.main(common + ["--which", which, "--output-dir", str(out)])
+    captured = capsys.readouterr()
+    assert "--nb-knn 100 exceeds the 15 training images" in captured.err
+    assert last_json(captured.out)["knn"]["100"]["k_used"] == 15
+    assert sorted(os.listdir(out)) == ["eval_knn_model_a_student.json", "eval_knn_model_a_teacher.json"]

@@ -25,10 +25,7 @@ mkdir -p "$out"
 # The CIFAR-10 recipe (README, "CIFAR-10 recipe"). Warm-ups keep the authors' proportions of the run:
 # lr 10%, ResNet self terms 50%, ViT self terms and cross terms 30% (10, 50 and 30 of their 100 epochs).
 pct() { local v=$(( epochs * $1 / 100 )); echo $(( v > 0 ? v : 1 )); }
-recipe=(--data-path "$data/train" --arch-a resnet18 --arch-b vit_tiny --patch-size 4
-        --global-crop-size 32 --local-crop-size 16 --local-crops-number 6
-        --global-crops-scale 0.4 1.0 --local-crops-scale 0.1 0.4
-        --batch-size-per-gpu 256 --out-dim 4096 --epochs "$epochs"
+recipe=(--recipe cifar10 --data-path "$data/train" --epochs "$epochs"
         --warmup-epochs "$(pct 10)" --warmup-teacher-temp-epochs-a "$(pct 50)"
         --warmup-teacher-temp-epochs-b "$(pct 30)" --cross-warmup-teacher-temp-epochs "$(pct 30)" --log-every 20 "$@")
 
