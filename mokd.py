@@ -80,14 +80,17 @@ RECIPES = {
                     out_dim=4096, epochs=100, batch_size_per_gpu=256, warmup_epochs=10, momentum_teacher=0.996,
                     warmup_teacher_temp=0.04, teacher_temp=0.07, cross_warmup_teacher_temp_epochs=30,
                     freeze_last_layer=1, log_every=20),
-    # The demo: a few minutes on 2 CPU cores (16 px synthetic shapes, short warm-ups); see README.
+    # The demo: about 3 minutes on 2 CPU cores (16 px synthetic shapes). Chosen for a short run (README, "Demo"): few
+    # prototypes, a sharp fixed teacher temperature, a fast teacher, no warm-ups, no frozen last layer.
     "demo": dict(arch_a="resnet18", arch_b="vit_tiny", patch_size=4, global_crop_size=16, local_crop_size=8,
                  local_crops_number=4, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
-                 out_dim=1024, epochs=4, batch_size_per_gpu=32, warmup_epochs=1, momentum_teacher=0.99,
-                 warmup_teacher_temp=0.04, teacher_temp=0.07, cross_warmup_teacher_temp_epochs=30,
-                 freeze_last_layer=1, log_every=8),
+                 out_dim=64, epochs=4, batch_size_per_gpu=32, warmup_epochs=1, momentum_teacher=0.95,
+                 warmup_teacher_temp=0.04, teacher_temp=0.02, cross_warmup_teacher_temp_epochs=0,
+                 freeze_last_layer=0, log_every=8,
+                 family=dict(resnet=dict(lr=0.3, warmup_teacher_temp_epochs=0),
+                             vit=dict(lr=1e-3, warmup_teacher_temp_epochs=0))),
 }
-FAMILY = {  # authors' per-family recipe (spec: Optimisation); a recipe may override a key as e.g. lr_b
+FAMILY = {  # authors' per-family recipe (spec: Optimisation); a recipe's `family` entry may override keys
     "resnet": dict(optimizer="sgd", lr=0.1, min_lr=0.0048, weight_decay=1e-4, weight_decay_end=1e-4,
                    warmup_teacher_temp_epochs=50, lam=1.0, clip_grad=3.0, norm_last_layer=True),
     "vit": dict(optimizer="adamw", lr=3e-4, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.4,
@@ -127,7 +130,10 @@ def recipe_help(key, text):
 def per_model_help(key, m, text):
     """`text` plus the family defaults of `key` and any recipe's override of it for model m."""
     families = ", ".join(f"{fam} {FAMILY[fam][key]}" for fam in FAMILY)
-    overrides = "".join(f"; recipe {name}: {r[f'{key}_{m}']}" for name, r in RECIPES.items() if f"{key}_{m}" in r)
+    overrides = ""
+    for name, recipe in RECIPES.items():
+        values = [f"{fam} {v[key]}" for fam, v in recipe.get("family", {}).items() if key in v]
+        overrides += f"; recipe {name}: {', '.join(values)}" if values else ""
     return f"model {m.upper()}: {text} (family default: {families}{overrides})"
 
 
@@ -216,15 +222,16 @@ def resolve_config(args):
         cfg["recipe"] = "demo" if cfg["data_path"] is None else "imagenet"
     recipe = RECIPES[cfg["recipe"]]
     for k, v in recipe.items():
-        if cfg[k] is None:
+        if k != "family" and cfg[k] is None:
             cfg[k] = v
     for m in "ab":
         arch = cfg[f"arch_{m}"]
         if arch not in ARCHS:
             raise MOKDError(f"--arch-{m} {arch!r} is not a known architecture; choices: {', '.join(ARCHS)}")
+        defaults = {**FAMILY[family(arch)], **recipe.get("family", {}).get(family(arch), {})}
         for k in PER_MODEL:
             if cfg[f"{k}_{m}"] is None:
-                cfg[f"{k}_{m}"] = FAMILY[family(arch)][k]
+                cfg[f"{k}_{m}"] = defaults[k]
     for k in ("global_crops_scale", "local_crops_scale"):
         cfg[k] = list(cfg[k])
     if cfg["thead_dim"] is None:
@@ -404,35 +411,41 @@ SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes")  
 
 
 def draw_synthetic(index, seed, size):
-    """A procedurally drawn image of class index % 6: disc, ring, square, triangle, cross, stripes.
-    Position, scale, colours and background noise are random; the class is the shape alone."""
+    """A procedurally drawn image of class index % 6: disc, ring, square, triangle, cross, stripes. The background is
+    a smooth random colour field, so two crops of one image see different colours and colour cannot tell images
+    apart; the shape, at a random position and scale, is lighter or darker than the field. The class is the shape."""
     rng = np.random.default_rng([seed, index])
     label = index % 6
-    bg = rng.integers(0, 256, 3)
-    arr = np.clip(bg + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-    img = Image.fromarray(arr)
-    d = ImageDraw.Draw(img)
-    fg = tuple(int(c) for c in (bg + rng.integers(80, 176, 3)) % 256)
+    corners = torch.tensor(rng.uniform(0, 255, (1, 3, 2, 2)), dtype=torch.float32)  # a colour per image corner
+    field = F.interpolate(corners, size=(size, size), mode="bilinear", align_corners=True)  # (1, 3, size, size)
+    background = field[0].permute(1, 2, 0).numpy()  # (size, size, 3)
+    shift = (1.0 if background.mean() < 128 else -1.0) * rng.uniform(80, 130)
+    foreground = np.clip(background + shift + rng.normal(0, 25, 3), 0, 255)
+    mask = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(mask)
     r = size * rng.uniform(0.22, 0.4)
     cx, cy = rng.uniform(r, size - r, 2)
     box = (cx - r, cy - r, cx + r, cy + r)
     w = max(1, int(r / 3))
     if label == 0:
-        d.ellipse(box, fill=fg)
+        d.ellipse(box, fill=255)
     elif label == 1:
-        d.ellipse(box, outline=fg, width=w)
+        d.ellipse(box, outline=255, width=w)
     elif label == 2:
-        d.rectangle(box, fill=fg)
+        d.rectangle(box, fill=255)
     elif label == 3:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=255)
     elif label == 4:
-        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fg)
-        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fg)
+        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=255)
+        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=255)
     else:
         for k in range(-3, 4, 2):
             y = cy + k * r / 4
-            d.rectangle((cx - r, y - w / 2, cx + r, y + w / 2), fill=fg)
-    return img, label
+            d.rectangle((cx - r, y - w / 2, cx + r, y + w / 2), fill=255)
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255  # (size, size, 1)
+    pixels = background * (1 - alpha) + foreground * alpha + rng.normal(0, 8, (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), label
+
 
 class RandomGaussianBlur:
     """PIL Gaussian blur with probability p and radius uniform in [0.1, 2.0] (DINO). Uses torch's RNG."""
