@@ -266,14 +266,7 @@ def evaluate(args):
     if args.num_workers is None:
         args.num_workers = min(8, os.cpu_count() or 1)
     if args.output_dir:  # fail now, not after the whole evaluation
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise MOKDError(f"--output-dir {args.output_dir!r} cannot be created or written: {e.strerror or e}")
+        mokd.check_writable_dir(args.output_dir, "--output-dir")
     cfg0 = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "dist_timeout": 30}
     rank, world, device = mokd.setup_distributed(cfg0)
     bb, cfg, source = load_backbone(args)

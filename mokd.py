@@ -316,14 +316,19 @@ def validate_config(cfg, world_size):
     if has_bn and cfg["batch_size_per_gpu"] < 2 and not (cfg["device"] == "cuda" and world_size > 1):
         bad("--batch-size-per-gpu 1 leaves BatchNorm (ResNet) with one image per process; use at least 2")
     if cfg["output_dir"]:
-        try:
-            os.makedirs(cfg["output_dir"], exist_ok=True)
-            probe = os.path.join(cfg["output_dir"], f".write-test-{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            bad(f"--output-dir {cfg['output_dir']!r} cannot be created or written: {e.strerror or e}")
+        check_writable_dir(cfg["output_dir"], "--output-dir")
+
+
+def check_writable_dir(path, flag):
+    """Create the folder if needed and write a file into it: fails now, not after hours of work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise MOKDError(f"{flag} {path!r} cannot be created or written: {e.strerror or e}") from None
 
 
 # ======================================================================================
@@ -375,9 +380,10 @@ def survey_image_folder(root, samples, crop_size):
     image_like = {e for e in Image.registered_extensions() if e not in read} | {".heic", ".heif", ".avif"}
     skipped = []
     for dirpath, _, files in os.walk(root, followlinks=True):
+        at_root = os.path.samefile(dirpath, root)  # ImageFolder reads no file directly under the root
         for name in files:
             ext = os.path.splitext(name)[1].lower()
-            if ext in image_like or (os.path.samefile(dirpath, root) and ext in read):
+            if ext in image_like or (at_root and ext in read):
                 skipped.append(os.path.join(dirpath, name))
     warnings = []
     if skipped:

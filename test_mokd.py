@@ -260,7 +260,7 @@ def test_no_gradient_through_the_search_query():
 
 
 def test_last_layers_frozen_in_epoch_0_and_trained_after():
-    cfg = make_cfg(**{"lr_a": 0.01, "lr_b": 0.1})
+    cfg = make_cfg(**{"lr_a": 0.01, "lr_b": 0.1, "freeze_last_layer": 1})  # the authors' 1 epoch (the demo: 0)
     run, S = make_run(cfg)
     last = {m: {k: p.clone() for k, p in run.students[m].named_parameters() if "last_layer" in k} for m in "ab"}
     other = run.students["a"].head.mlp[0].weight.clone()
