@@ -90,7 +90,7 @@ def loader_throughput(cfg, device):
     stats = image_stats(device)
     n = min(cfg["benchmark_steps"], sampler.steps - 2)
     if n < 1:
-        raise MOKDError(f"--benchmark times the loader on {cfg['data_path']!r}: it needs at least 3 batches of "
+        raise MOKDError(f"benchmark.py times the loader on {cfg['data_path']!r}: it needs at least 3 batches of "
                         f"--batch-size-per-gpu {cfg['batch_size_per_gpu']}, the folder gives {sampler.steps}")
     batches = iter(loader)
     for _ in range(2):

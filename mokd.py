@@ -65,8 +65,6 @@ class MOKDError(Exception):
 # 1. Config. A recipe (--recipe) fills every flag left unset: `demo` without --data-path, `imagenet` with it;
 #    per-model flags (-a / -b) default from the model's family. A flag given explicitly always wins.
 # ======================================================================================
-SHAPES = ("arch_a", "arch_b", "patch_size", "global_crop_size", "local_crop_size", "local_crops_number",
-          "global_crops_scale", "local_crops_scale")
 RECIPES = {
     # The authors' ImageNet recipe: ResNet-18 + ViT-S/16, 2 x 224 + 8 x 96 px crops, 100 epochs.
     "imagenet": dict(arch_a="resnet18", arch_b="vit_small", patch_size=16, global_crop_size=224, local_crop_size=96,
@@ -98,8 +96,9 @@ FAMILY = {  # authors' per-family recipe (spec: Optimisation); a recipe's `famil
 }
 PER_MODEL = list(FAMILY["resnet"])
 # Keys that must match between a checkpoint and the run that resumes it.
-GEOMETRY_KEYS = SHAPES + ("out_dim", "thead_dim", "thead_depth", "thead_heads", "head_hidden_dim", "bottleneck_dim",
-                          "stem")
+GEOMETRY_KEYS = ("arch_a", "arch_b", "patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads",
+                 "head_hidden_dim", "bottleneck_dim", "global_crop_size", "local_crop_size",
+                 "local_crops_number", "global_crops_scale", "local_crops_scale", "stem")
 
 
 def family(arch):
@@ -1315,11 +1314,13 @@ def train(cfg, rank, world, device, stop):
     run = Run(cfg, device, world)
     niter = sampler.steps
     S = build_schedules(cfg, niter, world)
-    start_epoch, start_it = restore(run, saved, resume, niter, rank, world) if saved else (0, 0)
-    if not saved:
+    resumed = saved is not None
+    if resumed:
+        start_epoch, start_it = restore(run, saved, resume, niter, rank, world)
+        del saved
+    else:
+        start_epoch, start_it = 0, 0
         torch.manual_seed(cfg["seed"] + rank)  # per-rank randomness (drop-path)
-    saved_step = saved["global_step"] if saved else None
-    del saved
     all_steps = cfg["epochs"] * niter
     total_steps = all_steps if cfg["max_steps"] is None else min(all_steps, cfg["max_steps"])
     done = start_epoch * niter + start_it
@@ -1330,11 +1331,11 @@ def train(cfg, rank, world, device, stop):
     if done >= total_steps:  # relaunch of a run that reached --max-steps
         say(rank, f"{resume} is already at step {done} (--max-steps {cfg['max_steps']}): nothing to do")
         return None
-    if saved_step is not None:
+    if resumed:
         say(rank, f"resumed from {resume}: epoch {start_epoch}, step {start_it}/{niter}")
     if rank == 0:
         write_run_info(cfg, world, device)
-        print(run_summary(cfg, ds, niter, total_steps, world, device, S), flush=True)
+        print(run_summary(cfg, ds, niter, all_steps, total_steps, world, device, S), flush=True)
     demo = not cfg["data_path"] and total_steps == all_steps  # the demo reports k-NN before / after
     knn_before = demo_knn(run, cfg, device, rank) if demo and done == 0 else None
     stats = image_stats(device)
@@ -1423,7 +1424,7 @@ def train(cfg, rank, world, device, stop):
     return run
 
 
-def run_summary(cfg, ds, niter, total_steps, world, device, S):
+def run_summary(cfg, ds, niter, all_steps, total_steps, world, device, S):
     """What the run is, printed at its start on rank 0."""
     data = cfg["data_path"] or "the built-in synthetic shapes (no --data-path)"
     classes = getattr(ds, "classes", ())
@@ -1433,8 +1434,8 @@ def run_summary(cfg, ds, niter, total_steps, world, device, S):
             f"K {cfg['out_dim']}, crops 2 x {cfg['global_crop_size']} + {cfg['local_crops_number']} x "
             f"{cfg['local_crop_size']} px\n"
             f"data: {data}: {len(ds)} images, {len(classes)} classes\n"
-            f"{niter} steps per epoch x {cfg['epochs']} epochs = {cfg['epochs'] * niter} steps"
-            f"{f' (this launch stops at {total_steps})' if total_steps < cfg['epochs'] * niter else ''}; "
+            f"{niter} steps per epoch x {cfg['epochs']} epochs = {all_steps} steps"
+            f"{f' (this launch stops at {total_steps})' if total_steps < all_steps else ''}; "
             f"global batch {global_batch} ({cfg['batch_size_per_gpu']} per process x {world}); peak lr {lr}\n"
             f"precision {cfg['precision']} on {world} x {device.type}; output: {cfg['output_dir']}")
 
@@ -1510,6 +1511,12 @@ def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, num_classes
     return {k: (100.0 * h1 / len(test_f), 100.0 * h5 / len(test_f)) for k, (h1, h5) in hits.items()}
 
 
+def knn_split(n_images):
+    """The demo's held-out images: 2/3 form the k-NN bank, 1/3 the test set -> (bank size, test size)."""
+    n_bank = max(1, 2 * n_images // 3)
+    return n_bank, max(1, n_images - n_bank)
+
+
 @torch.no_grad()
 def demo_knn(run, cfg, device, rank):
     """k-NN top-1 (k=20, T=0.07, as eval_linear.py --knn) of both teachers' backbone features on held-out synthetic
@@ -1521,9 +1528,9 @@ def demo_knn(run, cfg, device, rank):
     def images(n, seed):
         pairs = [draw_synthetic(i, seed, size) for i in range(n)]
         return torch.stack([tf(im) for im, _ in pairs]), torch.tensor([y for _, y in pairs])
-    n_bank = max(1, 2 * cfg["knn_images"] // 3)
+    n_bank, n_test = knn_split(cfg["knn_images"])
     bank_x, bank_y = images(n_bank, cfg["seed"] + 1)
-    test_x, test_y = images(max(1, cfg["knn_images"] - n_bank), cfg["seed"] + 2)
+    test_x, test_y = images(n_test, cfg["seed"] + 2)
     res = {}
     for m in "ab":
         bb = unwrap(run.teachers[m]).backbone
@@ -1544,7 +1551,7 @@ def demo_report(cfg, before, after, log_path, ckpt_path):
         records = [json.loads(line) for line in f]
     first, last = records[0], records[-1]
     log_k = math.log(cfg["out_dim"])
-    n_test = cfg["knn_images"] - 2 * cfg["knn_images"] // 3
+    n_test = knn_split(cfg["knn_images"])[1]
     print(f"\nk-NN top-1 (k = 20) of the teachers on {n_test} held-out synthetic images "
           f"(chance {100 / len(SYNTHETIC_CLASSES):.1f} %), and the teacher's entropy (log K = {log_k:.2f}):")
     print(f"  {'teacher':<15}{'before':>8}{'after':>8}{'change':>8}{'entropy':>9}")
