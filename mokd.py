@@ -54,7 +54,9 @@ RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision; widths 512, 512, 
 VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 ARCHS = sorted(RESNETS) + sorted(VITS)
 LOSS_NAMES = ("L_sm", "L_st", "L_cm", "L_ct")
-VALUE_KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ["a.entropy", "b.entropy"]  # Run.step order
+# Run.step order: the 8 terms, then per teacher the entropy of its outputs and of their batch mean (see entropy)
+VALUE_KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ["a.entropy", "b.entropy", "a.batch_entropy",
+                                                                "b.batch_entropy"]
 
 
 class MOKDError(Exception):
@@ -496,7 +498,7 @@ def normalise(crops, mean, std):
 
 
 def image_stats(device):
-    return [torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD)]
+    return [torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD)]  # 2 x (1, 3, 1, 1)
 
 
 def seeded(aug, img, seed, epoch, index):
@@ -598,7 +600,7 @@ class ResNetBackbone(nn.Module):
         n = self.net
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
         x = n.layer4(n.layer3(n.layer2(n.layer1(x))))  # (N, C, h, w)
-        return x.mean((2, 3)), x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
+        return x.mean((2, 3)), x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])  # (N, C), (N, h*w, C), (h, w)
 
 
 def drop_path(x, p, training):
@@ -700,6 +702,7 @@ class VisionTransformer(nn.Module):
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)  # (N, h*w, D)
         pos = torch.cat([self.pos_embed[:, :1], resize_pos_embed(self.pos_embed[:, 1:], self.grid, grid)], 1)
+        # pos: (1, 1+h*w, D), the CLS position first
         return torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + pos, grid  # (N, 1+h*w, D)
 
     def run_blocks(self, x, keep_last=0):
@@ -835,7 +838,7 @@ class MOKDModel(nn.Module):
                 else:  # q_X: CNN = mean of projected tokens = proj(pooled); ViT = CLS (projected if widths differ)
                     out["query"] = self.thead.proj(pooled).detach()  # (nB, d), no gradient through the search
         out["m"] = self.head(torch.cat(pooled_all))  # (V*B, K): one head call for all crops, as DINO
-        out["t"] = torch.cat(ts) if ts else None
+        out["t"] = torch.cat(ts) if ts else None  # (V*B, K)
         return out
 
 
@@ -873,9 +876,13 @@ def cross_entropy(student, teacher, tau_t):
 
 
 def entropy(teacher, center, tau_t):
-    """Mean entropy of the teacher's centred, sharpened output (collapse signal: log K = uniform)."""
-    p = F.softmax((teacher.float() - center) / tau_t, dim=-1)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+    """The two collapse signals of the teacher's centred, sharpened output p (N, K): the mean entropy of each image's
+    p, and the entropy of p's mean over the batch. Collapse to uniform: both near log K. Collapse onto one
+    prototype: both near 0. Healthy: the first well below log K, the second near it (confident and diverse)."""
+    p = F.softmax((teacher.float() - center) / tau_t, dim=-1)  # (N, K)
+    per_image = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+    mean = p.mean(0)  # (K,)
+    return per_image, -(mean * torch.log(mean.clamp_min(1e-12))).sum()
 
 
 class Centres(nn.Module):
@@ -1190,14 +1197,14 @@ class Run:
         for x, y in (("a", "b"), ("b", "a")):
             totals[x], terms[x] = model_losses(x, y, s[x], t[x], t[y], srch[x], self.centres, S[x]["tau"][epoch],
                                                S["tau_cross"][epoch], cfg[f"lam_{x}"])
-        ents = [entropy(t[m]["m"], getattr(self.centres, f"sm_{m}"), S[m]["tau"][epoch]) for m in "ab"]
+        ents = {m: entropy(t[m]["m"], getattr(self.centres, f"sm_{m}"), S[m]["tau"][epoch]) for m in "ab"}
         new = {f"sm_{m}": t[m]["m"] for m in "ab"}
         new.update({f"st_{m}": t[m]["t"] for m in "ab" if t[m]["t"] is not None})
         new.update({f"cm_{x}": t[y]["m"] for x, y in (("a", "b"), ("b", "a")) if cfg[f"lam_{x}"] > 0})
         return totals, terms, ents, new
 
     def step(self, crops, epoch, it, S):
-        """One optimiser step of both models; returns the step's 8 terms + 2 entropies as one device tensor."""
+        """One optimiser step of both models; returns its 12 VALUE_KEYS values as one device tensor."""
         for m in "ab":
             set_schedule(self.opts[m], S[m], it)
         totals, terms, ents, new_teacher_outputs = self.losses(crops, epoch, S)
@@ -1215,7 +1222,9 @@ class Run:
         self.centres.update(new_teacher_outputs)  # after the loss, as DINO
         for m in "ab":
             ema_update(*self.params[m], float(S["momentum"][it]))
-        return torch.stack([terms[m][k].detach() for m in "ab" for k in LOSS_NAMES] + [e.detach() for e in ents])
+        values = [terms[m][k].detach() for m in "ab" for k in LOSS_NAMES]
+        values += [ents[m][0].detach() for m in "ab"] + [ents[m][1].detach() for m in "ab"]
+        return torch.stack(values)  # (12,): VALUE_KEYS order
 
     def state(self):
         return {"models": {m: {"student": unwrap(self.students[m]).state_dict(),
@@ -1354,7 +1363,7 @@ def train(cfg, rank, world, device, stop):
         # DEVIATION: DINO checks loss.item() every step (a host sync each step); the steps are checked in batches.
         if not pending:
             return
-        values = torch.stack([v for _, v in pending]).float()  # (steps, 10): 8 terms, 2 entropies
+        values = torch.stack([v for _, v in pending]).float()  # (steps, 12): VALUE_KEYS
         if world > 1:
             dist.all_reduce(values)
         rows = (values / world).tolist()
@@ -1452,7 +1461,7 @@ def evaluation_command(cfg, ckpt_path):
 
 
 def log_step(cfg, log, step, niter, vals, S, clock, total_steps, device):
-    """One log.jsonl record and one console line for `step` (vals: its 8 terms and 2 entropies)."""
+    """One log.jsonl record and one console line for `step` (vals: its VALUE_KEYS values)."""
     now, epoch = time.time(), step // niter
     rec = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in vals.items()},
            "lr_a": float(S["a"]["main"][0][step]), "lr_b": float(S["b"]["main"][0][step]),
@@ -1527,7 +1536,7 @@ def demo_knn(run, cfg, device, rank):
 
     def images(n, seed):
         pairs = [draw_synthetic(i, seed, size) for i in range(n)]
-        return torch.stack([tf(im) for im, _ in pairs]), torch.tensor([y for _, y in pairs])
+        return torch.stack([tf(im) for im, _ in pairs]), torch.tensor([y for _, y in pairs])  # (n, 3, G, G), (n,)
     n_bank, n_test = knn_split(cfg["knn_images"])
     bank_x, bank_y = images(n_bank, cfg["seed"] + 1)
     test_x, test_y = images(n_test, cfg["seed"] + 2)
@@ -1535,8 +1544,10 @@ def demo_knn(run, cfg, device, rank):
     for m in "ab":
         bb = unwrap(run.teachers[m]).backbone
         bb.eval()  # BatchNorm running statistics; the teacher trains in train mode
-        feats = [torch.cat([bb(x[i:i + 100].to(device))[0].float().cpu() for i in range(0, len(x), 100)])
-                 for x in (bank_x, test_x)]
+        feats = []
+        for x in (bank_x, test_x):
+            batches = [bb(x[i:i + 100].to(device))[0].float().cpu() for i in range(0, len(x), 100)]
+            feats.append(torch.cat(batches))  # (n, C) pooled features
         bb.train()
         top1 = knn_classify(feats[0], bank_y, feats[1], test_y, (20,))[20][0]
         res[cfg[f"arch_{m}"] + f" ({m.upper()})"] = round(top1, 2)
@@ -1553,16 +1564,17 @@ def demo_report(cfg, before, after, log_path, ckpt_path):
     log_k = math.log(cfg["out_dim"])
     n_test = knn_split(cfg["knn_images"])[1]
     print(f"\nk-NN top-1 (k = 20) of the teachers on {n_test} held-out synthetic images "
-          f"(chance {100 / len(SYNTHETIC_CLASSES):.1f} %), and the teacher's entropy (log K = {log_k:.2f}):")
-    print(f"  {'teacher':<15}{'before':>8}{'after':>8}{'change':>8}{'entropy':>9}")
+          f"(chance {100 / len(SYNTHETIC_CLASSES):.1f} %), and at the last logged step the teacher's entropy and the "
+          f"entropy of its batch mean (log K = {log_k:.2f}; see entropy()):")
+    print(f"  {'teacher':<15}{'before':>8}{'after':>8}{'change':>8}{'entropy':>9}{'of mean':>9}")
     entropy_after = {}
     for m, name in zip("ab", after):
         entropy_after[name] = round(last[f"{m}.entropy"], 3)
-        if before is None:  # a resumed run: the k-NN before training was measured by the first launch
-            print(f"  {name:<15}{'-':>8}{after[name]:>8.2f}{'-':>8}{entropy_after[name]:>9.2f}")
-            continue
-        change = after[name] - before[name]
-        print(f"  {name:<15}{before[name]:>8.2f}{after[name]:>8.2f}{change:>+8.2f}{entropy_after[name]:>9.2f}")
+        # before is None for a resumed run: the k-NN before training was measured by the first launch
+        start = "-" if before is None else f"{before[name]:.2f}"
+        change = "-" if before is None else f"{after[name] - before[name]:+.2f}"
+        print(f"  {name:<15}{start:>8}{after[name]:>8.2f}{change:>8}{entropy_after[name]:>9.2f}"
+              f"{last[f'{m}.batch_entropy']:>9.2f}")
     print(f"loss terms, logged step {first['step']} -> {last['step']}:")
     for m in "ab":
         terms = [f"{k} {first[f'{m}.{k}']:.2f} -> {last[f'{m}.{k}']:.2f}" for k in LOSS_NAMES

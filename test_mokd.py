@@ -1,5 +1,6 @@
 """Tests for mokd.py and eval_linear.py: CPU only, tiny models, images made here. Run: python -m pytest -q"""
 import json
+import math
 import os
 import re
 import subprocess
@@ -20,8 +21,9 @@ import eval_linear
 import mokd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--patch-size", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32", "--thead-dim", "48",
-        "--thead-heads", "4", "--thead-depth", "1", "--global-crop-size", "16", "--local-crop-size", "8",
+TINY = ["--patch-size", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32",
+        "--thead-dim", "48", "--thead-heads", "4", "--thead-depth", "1", "--global-crop-size", "16",
+        "--local-crop-size", "8",
         "--local-crops-number", "2", "--batch-size-per-gpu", "4", "--device", "cpu", "--drop-path", "0",
         "--num-workers", "0", "--synthetic-size", "32", "--knn-images", "60", "--epochs", "2", "--warmup-epochs", "1"]
 FEW = settings(deadline=None, max_examples=15)
@@ -35,7 +37,8 @@ def make_cfg(arch_a="vit_tiny", arch_b="resnet18", *extra, **over):
 
 def make_crops(B=4, n=2, G=16, L=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, 3, G, G, generator=g) for _ in range(2)] + [torch.randn(B, 3, L, L, generator=g) for _ in range(n)]
+    global_crops = [torch.randn(B, 3, G, G, generator=g) for _ in range(2)]
+    return global_crops + [torch.randn(B, 3, L, L, generator=g) for _ in range(n)]
 
 
 def make_run(cfg, seed=0):
@@ -50,9 +53,12 @@ def last_json(text):
 
 
 def run_cli(args, nproc=1, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd + [os.path.join(HERE, "mokd.py"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd + [os.path.join(HERE, "mokd.py"), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -83,7 +89,8 @@ shapes = st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(2, 17))  # 
 def test_dino_loss_matches_plain_reference_in_float64(shape, tau, seed):
     B, n, K = shape
     g = torch.Generator().manual_seed(seed)
-    s, t = torch.randn((2 + n) * B, K, generator=g, dtype=torch.float64), torch.randn(2 * B, K, generator=g, dtype=torch.float64)
+    s = torch.randn((2 + n) * B, K, generator=g, dtype=torch.float64)
+    t = torch.randn(2 * B, K, generator=g, dtype=torch.float64)
     c = torch.randn(1, K, generator=g, dtype=torch.float64) * 0.1
     assert mokd.dino_loss(s, t, c, tau).item() == pytest.approx(ref_dino(s, t, c, tau), rel=1e-10, abs=1e-12)
 
@@ -93,7 +100,8 @@ def test_dino_loss_matches_plain_reference_in_float64(shape, tau, seed):
 def test_loss_invariances_and_non_negativity(shape, seed):
     B, n, K = shape
     g = torch.Generator().manual_seed(seed)
-    s, t = torch.randn((2 + n) * B, K, generator=g, dtype=torch.float64), torch.randn(2 * B, K, generator=g, dtype=torch.float64)
+    s = torch.randn((2 + n) * B, K, generator=g, dtype=torch.float64)
+    t = torch.randn(2 * B, K, generator=g, dtype=torch.float64)
     c = torch.zeros(1, K, dtype=torch.float64)
     base = mokd.dino_loss(s, t, c, 0.04).item()
     assert base >= 0
@@ -111,6 +119,28 @@ def test_loss_invariances_and_non_negativity(shape, seed):
     assert mokd.dino_loss(s + shift, t, c, 0.04).item() == pytest.approx(base, rel=1e-9)
     ce = mokd.cross_entropy(s[: 2 * B], t, 0.04)
     assert ce.item() >= 0
+
+
+@FEW
+@given(st.integers(2, 16), st.integers(2, 64), st.integers(0, 2**31 - 1))
+def test_entropy_tells_the_two_collapses_from_a_healthy_teacher(N, K, seed):
+    """Uniform outputs: both signals at log K; every image on one prototype: both near 0; image i confidently on
+    prototype i mod K: per-image entropy near 0, batch-mean entropy that of the prototypes' shares of the batch."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(1, K, generator=g)
+    per_image, of_mean = mokd.entropy(c.expand(N, K), c, 0.04)  # logits equal to the centre: uniform
+    assert per_image.item() == pytest.approx(math.log(K), rel=1e-5)
+    assert of_mean.item() == pytest.approx(math.log(K), rel=1e-5)
+    one = torch.zeros(N, K)
+    one[:, int(torch.randint(K, (1,), generator=g))] = 1.0
+    per_image, of_mean = mokd.entropy(one, torch.zeros(1, K), 0.01)
+    assert per_image.item() < 1e-3 and of_mean.item() < 1e-3
+    own = torch.zeros(N, K)
+    own[torch.arange(N), torch.arange(N) % K] = 1.0
+    per_image, of_mean = mokd.entropy(own, torch.zeros(1, K), 0.01)
+    shares = torch.bincount(torch.arange(N) % K).double() / N
+    assert per_image.item() < 1e-3
+    assert of_mean.item() == pytest.approx(-(shares * shares.log()).sum().item(), abs=1e-3)
 
 
 def test_losses_run_in_float32_under_low_precision():
@@ -306,8 +336,8 @@ def test_lambda_zero_is_independent_training():
         for i in range(3):
             values = run.step(make_crops(seed=i), 1, 10 + i, S)
             assert values[2] == 0 and values[3] == 0  # L_cm and L_ct of A are not computed
-        states.append({**run.students["a"].state_dict(), **{"t." + k: v for k, v in run.teachers["a"].state_dict().items()},
-                       "c": run.centres.sm_a.clone()})
+        teacher = {"t." + k: v for k, v in run.teachers["a"].state_dict().items()}
+        states.append({**run.students["a"].state_dict(), **teacher, "c": run.centres.sm_a.clone()})
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
 
@@ -344,7 +374,8 @@ def run_pair_script(tmp_path, epochs, **env):
     small = ["--batch-size-per-gpu", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32",
              "--local-crops-number", "2", "--thead-depth", "1", "--num-workers", "0", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
-    r = subprocess.run(["bash", os.path.join(HERE, "experiments", "cifar10_pair.sh"), str(data), str(out), str(epochs), *small],
+    script = os.path.join(HERE, "experiments", "cifar10_pair.sh")
+    r = subprocess.run(["bash", script, str(data), str(out), str(epochs), *small],
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r, out
@@ -375,7 +406,8 @@ def test_cifar10_pair_script_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5"])
 def test_cifar10_pair_script_rejects_a_bad_deadline(tmp_path, value):
-    r = subprocess.run(["bash", os.path.join(HERE, "experiments", "cifar10_pair.sh"), str(tmp_path), str(tmp_path / "out"), "1"],
+    script = os.path.join(HERE, "experiments", "cifar10_pair.sh")
+    r = subprocess.run(["bash", script, str(tmp_path), str(tmp_path / "out"), "1"],
                        capture_output=True, text=True, timeout=60, env={**os.environ, "TRAIN_DEADLINE_S": value})
     assert r.returncode == 2 and f"TRAIN_DEADLINE_S must be a whole number of seconds > 0, got '{value}'" in r.stderr
     assert not (tmp_path / "out").exists()  # nothing started
@@ -426,11 +458,13 @@ def test_demo_cli_mixed_pair_runs_and_reports_knn(tmp_path):
     res = last_json(r.stdout)
     assert {"knn_top1_before", "knn_top1_after"} <= set(res)
     assert set(res["teacher_entropy"]) == set(res["knn_top1_after"]) == {"resnet18 (A)", "vit_tiny (B)"}
-    for part in ("before", "after", "change", "entropy", "log K = 4.16", "loss terms, logged step 0 -> 7",
+    for part in ("before", "after", "change", "entropy", "of mean", "log K = 4.16", "loss terms, logged step 0 -> 7",
                  "L_ct", f"checkpoint: {tmp_path / 'checkpoint.pth'}", "--recipe cifar10"):
         assert part in r.stdout, part
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert {"a.entropy", "lr_a", "momentum", "tau_cross", "images_per_s", "peak_mem_mb"} <= set(log[0])
+    keys = {"a.entropy", "b.batch_entropy", "lr_a", "momentum", "tau_cross", "images_per_s", "peak_mem_mb"}
+    assert keys <= set(log[0])
+    assert all(0 <= rec[f"{m}.batch_entropy"] <= math.log(64) + 1e-4 for rec in log for m in "ab")
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and len([k for k in ckpt["centres"]]) == 6
 
@@ -512,7 +546,8 @@ def test_strict_loading_names_the_key(trained, tmp_path, change):
         del state["backbone.norm.weight"]
     path = tmp_path / "bad.pth"
     torch.save(ckpt, path)
-    args = eval_linear.build_parser().parse_args(["--checkpoint", str(path), "--model", "b", "--train-path", "x", "--val-path", "x"])
+    argv = ["--checkpoint", str(path), "--model", "b", "--train-path", "x", "--val-path", "x"]
+    args = eval_linear.build_parser().parse_args(argv)
     with pytest.raises(mokd.MOKDError, match="extra_weight" if change == "extra" else "norm.weight"):
         eval_linear.load_backbone(args)
 
@@ -552,7 +587,8 @@ def test_eval_end_to_end_knn_cached_and_full_probe(trained, capsys):
         last = last_json(capsys.readouterr().out)
         assert last["train_size"] == 15 and last["val_size"] == 9 and last["backbone_unchanged"]
         if "--knn" in extra:
-            assert set(last["knn"]) == {"10", "20", "100", "200"} and all(0 <= v["top1"] <= 100 for v in last["knn"].values())
+            assert set(last["knn"]) == {"10", "20", "100", "200"}
+            assert all(0 <= v["top1"] <= 100 for v in last["knn"].values())
         else:
             assert 0 <= last["linear"]["best_top1"] <= 100
     assert os.path.exists(trained["root"] / "eval" / "eval_linear_model_a_teacher_linear.pth")
@@ -562,7 +598,8 @@ def test_eval_knn_and_cached_probe_in_one_call_equal_separate_calls(trained, cap
     common = ["--checkpoint", trained["ckpt"], "--model", "b", "--train-path", trained["train"], "--val-path",
               trained["val"], "--num-workers", "0", "--device", "cpu", "--batch-size-per-gpu", "4", "--epochs", "2"]
     out = {}
-    for name, extra in (("knn", ["--knn"]), ("cached", ["--cached-features"]), ("both", ["--knn", "--cached-features"])):
+    modes = (("knn", ["--knn"]), ("cached", ["--cached-features"]), ("both", ["--knn", "--cached-features"]))
+    for name, extra in modes:
         eval_linear.main(common + extra)
         out[name] = last_json(capsys.readouterr().out)
     assert out["both"]["mode"] == "knn+linear_cached"
@@ -574,8 +611,10 @@ def test_eval_knn_two_processes_equal_one(trained, tmp_path):
             trained["val"], "--num-workers", "0", "--device", "cpu", "--batch-size-per-gpu", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outs = []
-    for pre in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
-        r = subprocess.run(pre + [os.path.join(HERE, "eval_linear.py"), *args], capture_output=True, text=True, env=env, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for pre in ([sys.executable], torchrun):
+        r = subprocess.run(pre + [os.path.join(HERE, "eval_linear.py"), *args], capture_output=True, text=True, env=env,
+                           timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(last_json(r.stdout)["knn"])
     assert outs[0] == outs[1]
@@ -695,8 +734,8 @@ def broken_folder(root):
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_unreadable_images_are_skipped_with_a_warning(tmp_path, capfd, workers):
     bad = broken_folder(tmp_path / "data")
-    mokd.main([*TINY, "--arch-b", "vit_tiny", "--data-path", str(tmp_path / "data"), "--num-workers", workers, "--epochs", "1",
-               "--batch-size-per-gpu", "4", "--output-dir", str(tmp_path / "o")])
+    mokd.main([*TINY, "--arch-b", "vit_tiny", "--data-path", str(tmp_path / "data"), "--num-workers", workers,
+               "--epochs", "1", "--batch-size-per-gpu", "4", "--output-dir", str(tmp_path / "o")])
     err = capfd.readouterr().err
     for name in bad:
         assert f"skipping unreadable image (cannot read image {tmp_path / 'data'}" in err and name in err
@@ -709,8 +748,8 @@ def test_unreadable_image_can_stop_the_run(tmp_path, capsys, workers):
     root = tmp_path / "data"
     make_folder(root, 2)
     (root / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    err = cli_error(capsys, *TINY, "--arch-b", "vit_tiny", "--data-path", str(root), "--bad-images", "error", "--num-workers", workers,
-                    "--batch-size-per-gpu", "7", "--output-dir", str(tmp_path / "o"))
+    err = cli_error(capsys, *TINY, "--arch-b", "vit_tiny", "--data-path", str(root), "--bad-images", "error",
+                    "--num-workers", workers, "--batch-size-per-gpu", "7", "--output-dir", str(tmp_path / "o"))
     assert f"cannot read image {root / 'class0' / 'broken.jpg'}" in err and "Traceback" not in err
 
 
@@ -837,7 +876,8 @@ def losses_and_grads(cfg, seed=0):
     totals, terms, _, _ = run.losses(make_crops(), 1, S)
     for m in "ab":
         totals[m].backward()
-    grads = {f"{m}.{k}": p.grad.clone() for m in "ab" for k, p in run.students[m].named_parameters() if p.grad is not None}
+    grads = {f"{m}.{k}": p.grad.clone() for m in "ab" for k, p in run.students[m].named_parameters()
+             if p.grad is not None}
     return torch.stack([terms[m][k] for m in "ab" for k in mokd.LOSS_NAMES]), grads
 
 
@@ -859,7 +899,8 @@ def test_explicit_attention_everywhere_gives_the_same_losses():
             if isinstance(mod, mokd.Attention):
                 mod.fused = False
     _, terms, _, _ = run.losses(make_crops(), 1, S)
-    torch.testing.assert_close(torch.stack([terms[m][k] for m in "ab" for k in mokd.LOSS_NAMES]), ref_l, rtol=1e-5, atol=1e-5)
+    got = torch.stack([terms[m][k] for m in "ab" for k in mokd.LOSS_NAMES])
+    torch.testing.assert_close(got, ref_l, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(os.environ.get("MOKD_TEST_COMPILE") != "1", reason="torch.compile on the CPU takes minutes; "
@@ -909,7 +950,8 @@ def test_model_losses_wire_each_term_to_the_right_tensors():
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
 def test_query_is_the_spec_feature(arch):
-    """CNN: mean of the T-head's projected tokens; ViT: the CLS token after the final norm (width d = 192: no projection)."""
+    """CNN: mean of the T-head's projected tokens; ViT: the CLS token after the final norm (width d = 192: no
+    projection)."""
     cfg = make_cfg(arch, arch, "--thead-dim", "192", "--thead-heads", "4")
     model = mokd.MOKDModel(arch, cfg, True).eval()
     crops = make_crops()
@@ -921,7 +963,8 @@ def test_query_is_the_spec_feature(arch):
 
 
 def test_a_folder_of_only_broken_files_stops_cleanly(tmp_path):
-    """Skip mode gives up after a run of unreadable files, in a subprocess with workers: exit 2, no hang, no traceback."""
+    """Skip mode gives up after a run of unreadable files, in a subprocess with workers: exit 2, no hang, no
+    traceback."""
     root = tmp_path / "data" / "c"
     root.mkdir(parents=True)
     for i in range(8):

@@ -81,11 +81,13 @@ for run in ("independent", "mokd"):
         knn, lin = r["knn"], r["linear"]["best_top1"]
         print(f"{run:<12}{r['arch']:<10}{steps:>7}{knn['20']['top1']:>10.2f}{knn['200']['top1']:>8.2f}{lin:>8.2f}")
 # The loss curves: each term's mean over the logged steps of each epoch (cross terms are null with lambda 0).
-# Collapse shows as a teacher entropy (H) near log K; a healthy run stays well below it.
+# H = teacher entropy, Hb = entropy of its batch mean. Collapse to uniform: H near log K; onto one prototype: Hb
+# near 0; a healthy run has H well below log K and Hb near it.
 K = json.load(open(os.path.join(out, "mokd", "config.json")))["config"]["out_dim"]
-keys = [f"{m}.{k}" for m in "ab" for k in ("L_sm", "L_st", "L_cm", "L_ct", "entropy")]
-print(f"\nper-epoch means from log.jsonl; H = teacher entropy, log K = {math.log(K):.3f}")
-print(f"{'run':<12}{'epoch':>5} | " + " ".join(f"{k.replace('entropy', 'H'):>7}" for k in keys))
+keys = [f"{m}.{k}" for m in "ab" for k in ("L_sm", "L_st", "L_cm", "L_ct", "entropy", "batch_entropy")]
+print(f"\nper-epoch means from log.jsonl; H = teacher entropy, Hb = of its batch mean, log K = {math.log(K):.3f}")
+names = [k.replace("batch_entropy", "Hb").replace("entropy", "H") for k in keys]
+print(f"{'run':<12}{'epoch':>5} | " + " ".join(f"{k:>7}" for k in names))
 for run in ("independent", "mokd"):
     recs = [json.loads(line) for line in open(os.path.join(out, run, "log.jsonl"))]
     for ep in sorted({r["epoch"] for r in recs}):
