@@ -55,8 +55,8 @@ VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # w
 ARCHS = sorted(RESNETS) + sorted(VITS)
 LOSS_NAMES = ("L_sm", "L_st", "L_cm", "L_ct")
 # Run.step order: the 8 terms, then per teacher the entropy of its outputs and of their batch mean (see entropy)
-VALUE_KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ["a.entropy", "b.entropy", "a.batch_entropy",
-                                                                "b.batch_entropy"]
+ENTROPY_KEYS = ["a.entropy", "b.entropy", "a.batch_entropy", "b.batch_entropy"]
+VALUE_KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ENTROPY_KEYS
 
 
 class MOKDError(Exception):
@@ -879,10 +879,10 @@ def entropy(teacher, center, tau_t):
     """The two collapse signals of the teacher's centred, sharpened output p (N, K): the mean entropy of each image's
     p, and the entropy of p's mean over the batch. Collapse to uniform: both near log K. Collapse onto one
     prototype: both near 0. Healthy: the first well below log K, the second near it (confident and diverse)."""
+    def h(q):  # entropy over the last dimension
+        return -(q * torch.log(q.clamp_min(1e-12))).sum(-1)
     p = F.softmax((teacher.float() - center) / tau_t, dim=-1)  # (N, K)
-    per_image = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
-    mean = p.mean(0)  # (K,)
-    return per_image, -(mean * torch.log(mean.clamp_min(1e-12))).sum()
+    return h(p).mean(), h(p.mean(0))
 
 
 class Centres(nn.Module):
@@ -1581,8 +1581,8 @@ def demo_report(cfg, before, after, log_path, ckpt_path):
                  if first[f"{m}.{k}"] is not None]
         print(f"  {m.upper()}: " + ", ".join(terms))
     print(f"checkpoint: {ckpt_path}\nnext: train on your images, e.g. the CIFAR-10 recipe "
-          f"`python mokd.py --recipe cifar10 --data-path data/cifar10/train`, then evaluate it with "
-          f"`python eval_linear.py --checkpoint OUT/checkpoint.pth --model a --knn --train-path TRAIN --val-path VAL`")
+          f"`python mokd.py --recipe cifar10 --data-path data/cifar10/train --output-dir OUT`\n"
+          f"{evaluation_command({**cfg, 'data_path': None}, 'OUT/checkpoint.pth')}")
     print(json.dumps({"knn_top1_before": before, "knn_top1_after": after, "teacher_entropy": entropy_after,
                       "log_K": round(log_k, 3)}), flush=True)
 
