@@ -8,6 +8,7 @@ Every mokd.py flag applies (the demo's settings without --data-path), plus --ben
 variant and ends with one JSON object: images/s, ms per step, peak memory, GFLOP and aten operations per step,
 and the MOKD / independent ratios of time, FLOPs and operations.
 """
+import argparse
 import json
 import sys
 import time
@@ -16,8 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode  # counts operations
 from torch.utils.flop_counter import FlopCounterMode
 
-from mokd import (MOKDError, Run, build_parser, build_schedules, check_image_folder, image_stats, make_loader,
-                  normalise, peak_memory_mb, resolve_config, validate_config)
+from mokd import (MOKDError, Run, build_schedules, check_config, image_stats, make_loader, normalise, parse_config,
+                  peak_memory_mb, positive_int)
 
 
 class OpCounter(TorchDispatchMode):
@@ -97,7 +98,7 @@ def loader_throughput(cfg, device):
         next(batches)
     t0 = time.perf_counter()
     for _ in range(n):
-        crops = normalise(next(batches)[0], *stats)
+        crops = normalise(next(batches), *stats)
     crops[0].sum().item()  # wait for the device
     dt = (time.perf_counter() - t0) / n
     return {"images_per_s": round(cfg["batch_size_per_gpu"] / dt, 2), "ms_per_batch": round(1000 * dt, 1),
@@ -105,17 +106,12 @@ def loader_throughput(cfg, device):
 
 
 def main(argv=None):
-    parser = build_parser()
-    parser.prog = "benchmark"
-    parser.add_argument("--benchmark-steps", type=int, default=10, help="timed optimiser steps per variant")
-    args = parser.parse_args(argv)
+    own = argparse.ArgumentParser("benchmark", add_help=False, allow_abbrev=False)
+    own.add_argument("--benchmark-steps", type=positive_int, default=10, help="timed optimiser steps per variant")
+    args, rest = own.parse_known_args(argv)
+    cfg = {**parse_config(rest), "benchmark_steps": args.benchmark_steps}  # every other flag is mokd.py's
     try:
-        cfg = resolve_config(args)
-        if cfg["benchmark_steps"] < 1:
-            raise MOKDError(f"--benchmark-steps must be a positive integer, got {cfg['benchmark_steps']}")
-        if cfg["data_path"]:
-            check_image_folder(cfg["data_path"])
-        validate_config(cfg, 1)
+        check_config(cfg, 1)
         return benchmark(cfg, torch.device(cfg["device"]))
     except MOKDError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

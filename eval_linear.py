@@ -47,7 +47,7 @@ def build_parser():
     a("--cached-features", action="store_true", help="linear probe on features extracted once, without augmentation")
     a("--n-last-blocks", type=int, default=None, help="ViT: concatenate the CLS tokens of the last n blocks "
       "(default 4 for vit_tiny/vit_small, 1 for vit_base)")
-    a("--avgpool-patchtokens", type=mokd.str2bool, default=None, help="ViT: append the mean patch token "
+    a("--avgpool-patchtokens", type=mokd.boolean, default=None, help="ViT: append the mean patch token "
       "(default true for vit_base only)")
     a("--epochs", type=int, default=100, help="linear-probe epochs")
     a("--lr", type=float, default=None, help="base lr, scaled by global batch / 256 (default 0.01 CNN, 0.001 ViT)")
@@ -86,13 +86,23 @@ def load_backbone(args):
     return bb.eval(), cfg, args.backbone
 
 
+def last_blocks(vit, x, n):
+    """Outputs of the ViT's last n blocks after its final norm, each (N, 1+h*w, D) (DINO's linear-probe features)."""
+    x, kept = vit.tokens(x)[0], []  # (N, 1+h*w, D)
+    for i, blk in enumerate(vit.blocks):
+        x = blk(x)
+        if i >= len(vit.blocks) - n:
+            kept.append(vit.norm(x))
+    return kept
+
+
 def feature_fn(bb, arch, n_last_blocks, avgpool):
     """Frozen features: ResNet pooled (N, C); ViT CLS of the last n blocks [+ mean patch token] (N, n*D [+ D])."""
     if arch in mokd.RESNETS:
         return lambda x: bb(x)[0]
 
     def vit(x):
-        outs = bb.last_layers(x, n_last_blocks)  # n x (N, 1+L, D)
+        outs = last_blocks(bb, x, n_last_blocks)  # n x (N, 1+L, D)
         f = torch.cat([o[:, 0] for o in outs], dim=-1)
         if avgpool:
             f = torch.cat([f, outs[-1][:, 1:].mean(1)], dim=-1)
@@ -108,14 +118,28 @@ def checksum(module):
     return h.hexdigest()
 
 
-class Folder(torchvision.datasets.ImageFolder):
-    """ImageFolder that converts any mode to RGB and names an unreadable file in its error (mokd.read_rgb)."""
+def eval_transform(crop_size):
+    """Resize + CenterCrop at the global crop size (nothing but normalisation at <= 64 px)."""
+    norm = [T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)]
+    if crop_size <= 64:
+        return T.Compose([T.Resize(crop_size, antialias=True), T.CenterCrop(crop_size)] + norm)
+    return T.Compose([T.Resize(int(crop_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC,
+                               antialias=True), T.CenterCrop(crop_size)] + norm)
 
-    def __init__(self, root, transform):
-        try:
-            super().__init__(root, transform=transform, loader=mokd.read_rgb)
-        except (FileNotFoundError, OSError) as err:  # e.g. a class folder without images
-            raise MOKDError(f"{root}: {err}") from None
+
+class Synthetic(torch.utils.data.Dataset):
+    """n of mokd.py's synthetic shapes (6 classes), drawn with a seed the training images never use."""
+    classes = mokd.SYNTHETIC_CLASSES
+
+    def __init__(self, n, seed, size, transform):
+        self.n, self.seed, self.size, self.transform = n, seed, size, transform
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        img, label = mokd.draw_synthetic(i, self.seed, self.size)
+        return self.transform(img), label
 
 
 # ----------------------------------------------------------------------------- distributed feature extraction
@@ -151,6 +175,27 @@ def extract(feat, dataset, args, device, rank, world):
         n = len(range(r, len(dataset), world))
         out_f[r::world], out_y[r::world] = all_f[r][:n].cpu(), all_y[r][:n].cpu()
     return out_f, out_y
+
+
+# ----------------------------------------------------------------------------- k-NN
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, num_classes=None, chunk=256):
+    """Weighted k-NN (DINO): cosine similarity of L2-normalised features, vote weights exp(s / T).
+    Returns {k: (top1 %, top5 %)}. Any number of train / test images; memory bounded by `chunk`.
+    Runs on the features' device (a GPU for ImageNet-sized banks)."""
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    C = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    hits = {k: [0, 0] for k in ks}
+    kmax = min(max(ks), len(train_f))
+    for i in range(0, len(test_f), chunk):
+        sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(kmax, dim=1)  # (n, kmax)
+        w, labels, y = (sim / T).exp(), train_y[idx], test_y[i:i + chunk]
+        for k in ks:
+            votes = torch.zeros(len(y), C, device=w.device).scatter_add_(1, labels[:, :k], w[:, :k])  # (n, C)
+            top = votes.topk(min(5, C), dim=1).indices
+            hits[k][0] += (top[:, 0] == y).sum().item()
+            hits[k][1] += (top == y[:, None]).any(1).sum().item()
+    return {k: (100.0 * h1 / len(test_f), 100.0 * h5 / len(test_f)) for k, (h1, h5) in hits.items()}
 
 
 # ----------------------------------------------------------------------------- the linear probe
@@ -253,11 +298,8 @@ def evaluate(args):
         if not args.checkpoint:
             raise MOKDError("--export needs --checkpoint (the mokd.py checkpoint to export from)")
         return export_backbone(args.checkpoint, args.model, args.export)
-    for flag, path in (("--train-path", args.train_path), ("--val-path", args.val_path)):
-        if path is None:
-            raise MOKDError(f"{flag} is required (unless --export)")
-    mokd.check_image_folder(args.train_path, "--train-path")
-    mokd.check_image_folder(args.val_path, "--val-path")
+    if (args.train_path is None) != (args.val_path is None):
+        raise MOKDError("give both --train-path and --val-path, or neither (a demo checkpoint: synthetic images)")
     for flag, v in (("--epochs", args.epochs), ("--batch-size-per-gpu", args.batch_size_per_gpu)):
         if v < 1:
             raise MOKDError(f"{flag} must be >= 1, got {v}")
@@ -280,8 +322,15 @@ def evaluate(args):
     bb.requires_grad_(False)
     feat = feature_fn(bb, arch, n_last, avgpool)
     before = checksum(bb)
-    tf_eval = mokd.eval_transform(size)
-    train_eval, val = Folder(args.train_path, tf_eval), Folder(args.val_path, tf_eval)
+    tf_eval = eval_transform(size)
+    if args.train_path is None:  # a demo checkpoint: held-out synthetic images, apart from the training images
+        if cfg.get("data_path"):
+            raise MOKDError(f"{source} was trained on {cfg['data_path']!r}: give --train-path and --val-path")
+        seed, side = cfg.get("seed", 0), max(32, size)
+        train_eval, val = Synthetic(600, seed + 1, side, tf_eval), Synthetic(300, seed + 2, side, tf_eval)
+    else:
+        train_eval = mokd.image_folder(args.train_path, "--train-path", tf_eval)
+        val = mokd.image_folder(args.val_path, "--val-path", tf_eval)
     if train_eval.classes != val.classes:
         raise MOKDError(f"--train-path and --val-path have different class folders: {train_eval.classes} vs "
                         f"{val.classes}")
@@ -303,7 +352,7 @@ def evaluate(args):
                 if k > len(train_f):
                     print(f"warning: --nb-knn {k} exceeds the {len(train_f)} training images: that k votes with all "
                           f"{len(train_f)} (reported as k_used)", file=sys.stderr, flush=True)
-            res = mokd.knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
+            res = knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
                                     args.temperature, C)
             result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3), "k_used": min(k, len(train_f))}
                              for k, (a, b) in res.items()}
@@ -314,7 +363,9 @@ def evaluate(args):
     if not (args.knn or args.cached_features):
         aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
-        lin, *acc = train_linear_full(feat, Folder(args.train_path, aug), (val_f, val_y), args, lr, device,
+        if args.train_path is None:
+            raise MOKDError("the full linear probe needs --train-path and --val-path (or use --cached-features)")
+        lin, *acc = train_linear_full(feat, mokd.image_folder(args.train_path, "--train-path", aug), (val_f, val_y), args, lr, device,
                                       rank, world, C, val_f.shape[1])
         result["linear"] = probe_result(*acc)
     if checksum(bb) != before:
