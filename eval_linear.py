@@ -11,11 +11,14 @@ Architecture, patch size, stem and crop size come from the checkpoint. Loading i
 stops the evaluation with its path. The last line of output is one JSON object with every accuracy.
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,34 +32,56 @@ from mokd import MOKDError
 
 
 def build_parser():
-    p = argparse.ArgumentParser("eval_linear", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("eval_linear", description=__doc__.split("\n")[0], formatter_class=mokd.HelpFormatter)
     a = p.add_argument
-    a("--checkpoint", default=None, help="a mokd.py checkpoint.pth")
-    a("--backbone", default=None, help="instead of --checkpoint: a file written by --export")
+    a("--checkpoint", help="a mokd.py checkpoint.pth")
+    a("--backbone", help="instead of --checkpoint: a file written by --export")
     a("--model", default="a", choices=["a", "b"], help="which model of the checkpoint")
-    a("--which", default="teacher", choices=["teacher", "student"], help="teacher (default, as DINO) or student")
-    a("--train-path", default=None, help="ImageFolder tree of training images (required unless --export)")
-    a("--val-path", default=None, help="ImageFolder tree of validation images (required unless --export)")
-    a("--export", default=None, metavar="OUT", help="write the teacher backbone of --model of --checkpoint to OUT "
+    a("--which", default="teacher", choices=["teacher", "student"], help="which network of the model (DINO: teacher)")
+    a("--train-path", help=f"labelled training images: an image folder (<root>/<class>/<image>) or a dataset name "
+      f"({', '.join(mokd.DATASETS)}: its train split); without --train-path and --val-path, a demo checkpoint is "
+      f"evaluated on 600 + 300 held-out synthetic images")
+    a("--val-path", help="labelled validation images: an image folder or a dataset name (its test split)")
+    a("--data-root", default="data", help="where named datasets are (or are downloaded to)")
+    a("--export", metavar="OUT", help="write the backbone (--which) of --model of --checkpoint to OUT "
       "(torchvision ResNet keys without fc, or DINO/timm ViT keys, plus metadata) and exit")
     a("--knn", action="store_true", help="k-NN evaluation instead of the linear probe (with --cached-features: both, "
       "from one feature extraction)")
-    a("--nb-knn", type=int, nargs="+", default=[10, 20, 100, 200], help="k values")
-    a("--temperature", type=float, default=0.07, help="k-NN vote weights exp(similarity / T)")
+    a("--nb-knn", type=mokd.positive_int, nargs="+", default=[10, 20, 100, 200], help="k values")
+    a("--temperature", type=mokd.temperature, default=0.07, help="k-NN vote weights exp(similarity / T)")
     a("--cached-features", action="store_true", help="linear probe on features extracted once, without augmentation")
-    a("--n-last-blocks", type=int, default=None, help="ViT: concatenate the CLS tokens of the last n blocks "
-      "(default 4 for vit_tiny/vit_small, 1 for vit_base)")
-    a("--avgpool-patchtokens", type=mokd.boolean, default=None, help="ViT: append the mean patch token "
-      "(default true for vit_base only)")
-    a("--epochs", type=int, default=100, help="linear-probe epochs")
-    a("--lr", type=float, default=None, help="base lr, scaled by global batch / 256 (default 0.01 CNN, 0.001 ViT)")
-    a("--batch-size-per-gpu", type=int, default=128)
-    a("--num-workers", type=int, default=None, help="default: min(8, cpus)")
-    a("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    a("--output-dir", default=None, help="keep the result JSON and the linear layer's weights here")
-    a("--seed", type=int, default=0)
+    a("--n-last-blocks", type=mokd.positive_int, help="ViT: concatenate the CLS tokens of the last n blocks "
+      "(default 4 for vit_tiny and vit_small, 1 for vit_base)")
+    a("--avgpool-patchtokens", type=mokd.boolean, help="ViT: append the mean patch token (default: true for vit_base "
+      "only)")
+    a("--epochs", type=mokd.positive_int, default=100, help="linear-probe epochs")
+    a("--lr", type=mokd.non_negative, help="base lr of the linear probe, scaled by global batch / 256 (default: "
+      "0.01 for a ResNet, 0.001 for a ViT)")
+    a("--batch-size-per-gpu", type=mokd.positive_int, default=128, help="images (or cached features) per batch and "
+      "process")
+    a("--num-workers", type=mokd.count, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
+    a("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    a("--output-dir", help="keep the result JSON and the linear layer's weights here")
+    a("--seed", type=int, default=0, help="seed of the linear layer's initialisation and the data order")
     return p
+
+
+class Progress:
+    """Prints `what: done/total images, rate, ETA` on rank 0 at most every `every` seconds (and at the end)."""
+
+    def __init__(self, what, total, rank, every=30.0):
+        self.what, self.total, self.rank, self.every = what, total, rank, every
+        self.done, self.t0 = 0, time.time()
+        self.last = 0.0  # the first batch is reported at once
+
+    def update(self, n):
+        self.done += n
+        now = time.time()
+        if self.rank == 0 and (now - self.last >= self.every or self.done >= self.total):
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = datetime.timedelta(seconds=int((self.total - self.done) / max(rate, 1e-9)))
+            print(f"{self.what}: {self.done}/{self.total} images, {rate:.1f} img/s, ETA {eta}", flush=True)
+            self.last = now
 
 
 # ----------------------------------------------------------------------------- loading
@@ -142,18 +167,28 @@ class Synthetic(torch.utils.data.Dataset):
         return self.transform(img), label
 
 
+def labelled(path, flag, split, transform, root):
+    """A dataset name (its train or test split) or an image folder, yielding (image tensor, label)."""
+    if path in mokd.DATASETS:
+        return mokd.named_dataset(path, root, split, flag, transform)
+    return mokd.image_folder(path, flag, transform)
+
+
 # ----------------------------------------------------------------------------- distributed feature extraction
 @torch.no_grad()
-def extract(feat, dataset, args, device, rank, world):
+def extract(feat, dataset, what, args, device, rank, world):
     """Features and labels of the whole dataset, split across ranks and gathered: ((N, D), (N,))."""
     idx = list(range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=mokd.quiet_worker)  # Ctrl-C reaches this process only
     fs, ys = [], []
+    progress = Progress(f"features of {what}", len(dataset), rank)
     try:
         for x, y in loader:
             fs.append(feat(x.to(device, non_blocking=True)).float())
             ys.append(y.to(device))
+            progress.update(len(x) * world)
     except MOKDError as e:
         raise MOKDError(mokd.worker_error_message(e)) from None
     f = torch.cat(fs) if fs else torch.zeros(0, 1, device=device)
@@ -181,7 +216,8 @@ def extract(feat, dataset, args, device, rank, world):
 @torch.no_grad()
 def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, num_classes=None, chunk=256):
     """Weighted k-NN (DINO): cosine similarity of L2-normalised features, vote weights exp(s / T).
-    Returns {k: (top1 %, top5 %)}. Any number of train / test images; memory bounded by `chunk`.
+    Returns {k: (top1 %, top5 % or None)}: a class without a vote is never predicted, so with k < 5 top-5 counts only
+    classes that received votes (DINO's min(5, k)); top-5 is None with 5 classes or fewer. Memory bounded by `chunk`.
     Runs on the features' device (a GPU for ImageNet-sized banks)."""
     train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
     C = num_classes or int(max(train_y.max(), test_y.max())) + 1
@@ -192,18 +228,26 @@ def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, num_classes
         w, labels, y = (sim / T).exp(), train_y[idx], test_y[i:i + chunk]
         for k in ks:
             votes = torch.zeros(len(y), C, device=w.device).scatter_add_(1, labels[:, :k], w[:, :k])  # (n, C)
-            top = votes.topk(min(5, C), dim=1).indices
-            hits[k][0] += (top[:, 0] == y).sum().item()
-            hits[k][1] += (top == y[:, None]).any(1).sum().item()
-    return {k: (100.0 * h1 / len(test_f), 100.0 * h5 / len(test_f)) for k, (h1, h5) in hits.items()}
+            h1, h5 = top_hits(votes, y, votes=True)
+            hits[k][0] += h1
+            hits[k][1] += h5 or 0
+    n = len(test_f)
+    return {k: (100.0 * h1 / n, 100.0 * h5 / n if C > 5 else None) for k, (h1, h5) in hits.items()}
 
 
 # ----------------------------------------------------------------------------- the linear probe
+def top_hits(scores, y, votes=False):
+    """How many rows of scores (N, C) rank label y first, and within their top 5 (None with 5 classes or fewer,
+    where top-5 says nothing). With votes=True a class without a vote (score 0) is never predicted."""
+    values, top = scores.topk(min(5, scores.shape[1]), dim=1)  # (N, <=5)
+    hit = (top == y[:, None]) & (values > 0 if votes else True)
+    return hit[:, 0].sum().item(), hit.any(1).sum().item() if scores.shape[1] > 5 else None
+
+
 def accuracy(logits, y):
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    top1 = 100.0 * (top[:, 0] == y).sum().item() / len(y)
-    top5 = 100.0 * (top == y[:, None]).any(1).sum().item() / len(y)
-    return round(top1, 3), round(top5, 3)
+    """Top-1 and top-5 accuracy (%) of logits (N, C) against labels (N,); top-5 None with 5 classes or fewer."""
+    h1, h5 = top_hits(logits, y)
+    return round(100.0 * h1 / len(y), 3), None if h5 is None else round(100.0 * h5 / len(y), 3)
 
 
 def probe_result(best, last):
@@ -226,8 +270,8 @@ def train_linear_cached(train_f, train_y, val_f, val_y, num_classes, args, lr, d
     opt = torch.optim.SGD(lin.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     steps = args.epochs * math.ceil(len(train_f) / args.batch_size_per_gpu)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0)
-    best, last = (0.0, 0.0), (0.0, 0.0)
-    for _ in range(args.epochs):
+    best, shown = None, time.time()
+    for epoch in range(args.epochs):
         for idx in torch.randperm(len(train_f), generator=g).to(device).split(args.batch_size_per_gpu):
             loss = F.cross_entropy(lin(train_f[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
@@ -236,7 +280,10 @@ def train_linear_cached(train_f, train_y, val_f, val_y, num_classes, args, lr, d
             sched.step()
         with torch.no_grad():
             last = accuracy(lin(val_f), val_y)
-        best = max(best, last)
+        best = last if best is None or last[0] > best[0] else best
+        if time.time() - shown > 30 or epoch + 1 == args.epochs:
+            print(f"linear probe epoch {epoch + 1}/{args.epochs}: val top-1 {last[0]:.2f}", flush=True)
+            shown = time.time()
     return lin.cpu(), best, last
 
 
@@ -254,7 +301,7 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader), eta_min=0)
     val_f, val_y = val_feats[0].to(device), val_feats[1].to(device)
-    best, last = (0.0, 0.0), (0.0, 0.0)
+    best = None
     for epoch in range(args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -271,45 +318,41 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
             raise MOKDError(mokd.worker_error_message(e)) from None
         with torch.no_grad():
             last = accuracy(lin(val_f), val_y)
-        best = max(best, last)
-        mokd.say(rank, f"epoch {epoch + 1}/{args.epochs}: val top-1 {last[0]:.2f} top-5 {last[1]:.2f}")
+        best = last if best is None or last[0] > best[0] else best
+        mokd.say(rank, f"linear probe epoch {epoch + 1}/{args.epochs}: val top-1 {last[0]:.2f}")
     return lin.cpu(), best, last
 
 
 # ----------------------------------------------------------------------------- main
-def export_backbone(path, model, out):
-    """Write one teacher backbone: torchvision ResNet keys (no fc) or DINO/timm ViT keys, plus metadata."""
+def export_backbone(path, model, which, out):
+    """Write one backbone (the teacher's or the student's): torchvision ResNet keys (no fc) or DINO/timm ViT keys,
+    plus metadata."""
     ckpt = mokd.load_checkpoint(path)
     cfg, arch = ckpt["config"], ckpt["config"][f"arch_{model}"]
     prefix = "backbone.net." if arch in mokd.RESNETS else "backbone."
-    state = {k[len(prefix):]: v for k, v in ckpt["models"][model]["teacher"].items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: v for k, v in ckpt["models"][model][which].items() if k.startswith(prefix)}
     meta = {"arch": arch, "patch_size": cfg["patch_size"], "stem": cfg["stem"], "image_size": cfg["global_crop_size"],
-            "source": os.path.basename(path)}
+            "source": os.path.basename(path), "which": which}
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         mokd.atomic_save({"state_dict": state, "meta": meta}, out)
     except OSError as e:
         raise MOKDError(f"--export {out!r} cannot be written: {e.strerror or e}") from None
-    print(f"exported the teacher backbone of model {model.upper()} ({arch}) to {out}")
+    print(f"exported the {which} backbone of model {model.upper()} ({arch}) to {out}")
 
 
 def evaluate(args):
     if args.export:
         if not args.checkpoint:
             raise MOKDError("--export needs --checkpoint (the mokd.py checkpoint to export from)")
-        return export_backbone(args.checkpoint, args.model, args.export)
+        return export_backbone(args.checkpoint, args.model, args.which, args.export)
     if (args.train_path is None) != (args.val_path is None):
         raise MOKDError("give both --train-path and --val-path, or neither (a demo checkpoint: synthetic images)")
-    for flag, v in (("--epochs", args.epochs), ("--batch-size-per-gpu", args.batch_size_per_gpu)):
-        if v < 1:
-            raise MOKDError(f"{flag} must be >= 1, got {v}")
-    if any(k < 1 for k in args.nb_knn) or not args.temperature > 0:
-        raise MOKDError(f"--nb-knn must be positive and --temperature > 0, got {args.nb_knn} and {args.temperature}")
-    if args.num_workers is None:
-        args.num_workers = min(8, os.cpu_count() or 1)
+    if args.train_path is None and not (args.knn or args.cached_features):
+        raise MOKDError("the full linear probe needs --train-path and --val-path (or use --knn or --cached-features)")
     if args.output_dir:  # fail now, not after the whole evaluation
         mokd.check_writable_dir(args.output_dir, "--output-dir")
-    cfg0 = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "dist_timeout": 30}
+    cfg0 = {"device": args.device, "dist_timeout": 30}
     rank, world, device = mokd.setup_distributed(cfg0)
     bb, cfg, source = load_backbone(args)
     arch, size = cfg["arch"], cfg["global_crop_size"]
@@ -329,20 +372,25 @@ def evaluate(args):
         seed, side = cfg.get("seed", 0), max(32, size)
         train_eval, val = Synthetic(600, seed + 1, side, tf_eval), Synthetic(300, seed + 2, side, tf_eval)
     else:
-        train_eval = mokd.image_folder(args.train_path, "--train-path", tf_eval)
-        val = mokd.image_folder(args.val_path, "--val-path", tf_eval)
-    if train_eval.classes != val.classes:
-        raise MOKDError(f"--train-path and --val-path have different class folders: {train_eval.classes} vs "
-                        f"{val.classes}")
+        train_eval = labelled(args.train_path, "--train-path", "train", tf_eval, args.data_root)
+        val = labelled(args.val_path, "--val-path", "test", tf_eval, args.data_root)
+    unknown = sorted(set(val.classes) - set(train_eval.classes))
+    if unknown:
+        raise MOKDError(f"--val-path has class folders that --train-path lacks: {unknown[:10]}"
+                        f"{f' (and {len(unknown) - 10} more)' if len(unknown) > 10 else ''}")
+    if val.classes != train_eval.classes:  # a subset of the training classes: map each by name
+        index = {c: i for i, c in enumerate(train_eval.classes)}
+        val.samples = [(path, index[val.classes[y]]) for path, y in val.samples]
+        val.classes = train_eval.classes
     C = len(train_eval.classes)
     mode = "+".join(n for n, on in (("knn", args.knn), ("linear_cached", args.cached_features)) if on) or "linear"
     result = {"mode": mode,
               "model": args.model if args.checkpoint else None, "which": args.which if args.checkpoint else None,
               "arch": arch, "checkpoint": source, "train_size": len(train_eval), "val_size": len(val),
               "num_classes": C}
-    val_f, val_y = extract(feat, val, args, device, rank, world)
+    val_f, val_y = extract(feat, val, "the validation images", args, device, rank, world)
     if args.knn or args.cached_features:
-        train_f, train_y = extract(feat, train_eval, args, device, rank, world)
+        train_f, train_y = extract(feat, train_eval, "the training images", args, device, rank, world)
     base_lr = args.lr if args.lr is not None else (0.01 if arch in mokd.RESNETS else 0.001)
     lr = base_lr * args.batch_size_per_gpu * world / 256
     lin = None
@@ -353,8 +401,9 @@ def evaluate(args):
                     print(f"warning: --nb-knn {k} exceeds the {len(train_f)} training images: that k votes with all "
                           f"{len(train_f)} (reported as k_used)", file=sys.stderr, flush=True)
             res = knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
-                                    args.temperature, C)
-            result["knn"] = {str(k): {"top1": round(a, 3), "top5": round(b, 3), "k_used": min(k, len(train_f))}
+                               args.temperature, C)
+            result["knn"] = {str(k): {"top1": round(a, 3), "top5": b if b is None else round(b, 3),
+                                      "k_used": min(k, len(train_f))}
                              for k, (a, b) in res.items()}
     if args.cached_features:
         if rank == 0:
@@ -363,9 +412,8 @@ def evaluate(args):
     if not (args.knn or args.cached_features):
         aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
-        if args.train_path is None:
-            raise MOKDError("the full linear probe needs --train-path and --val-path (or use --cached-features)")
-        lin, *acc = train_linear_full(feat, mokd.image_folder(args.train_path, "--train-path", aug), (val_f, val_y), args, lr, device,
+        train_aug = labelled(args.train_path, "--train-path", "train", aug, args.data_root)
+        lin, *acc = train_linear_full(feat, train_aug, (val_f, val_y), args, lr, device,
                                       rank, world, C, val_f.shape[1])
         result["linear"] = probe_result(*acc)
     if checksum(bb) != before:
@@ -393,19 +441,30 @@ def print_table(r):
                  ("linear last", r["linear"]["last_top1"], r["linear"]["last_top5"])]
     print(f"{'protocol':<14}{'top-1':>8}{'top-5':>8}")
     for name, a, b in rows:
-        print(f"{name:<14}{a:>8.2f}{b:>8.2f}")
+        print(f"{name:<14}{a:>8.2f}{'-' if b is None else f'{b:.2f}':>8}")
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, interrupt)  # SIGTERM ends an evaluation as Ctrl-C does
     try:
         return evaluate(args)
     except MOKDError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        message, status = f"error: {e}", 2
+    except KeyboardInterrupt:
+        message, status = "evaluation interrupted: nothing was written", 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if mokd.is_dist():
             dist.destroy_process_group()
+    print(message, file=sys.stderr, flush=True)
+    if status == 130:  # interrupted mid-extraction: end now, before the DataLoader's threads print their own tracebacks
+        os._exit(status)  # (its workers notice that this process is gone and end too)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

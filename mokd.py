@@ -1,11 +1,9 @@
 """MOKD: Multi-Mode Online Knowledge Distillation for self-supervised visual representation learning.
 
-Song, Xie, Zhang, Luo, CVPR 2023, arXiv 2304.06461. One self-contained file (standard library, torch, torchvision,
-numpy, PIL); copied alone, `python mokd.py` runs the demo. The method comes first, in the paper's order:
-
-    1 views (multi-crop)   2 backbones   3 heads and the cross-attention search   4 losses   5 the MOKD step
-    6 schedules            then the operations: 7 data   8 distributed set-up, checkpoints   9 training loop
-    10 demo   11 command line
+Song, Xie, Zhang, Luo, CVPR 2023, arXiv 2304.06461. Self-contained (standard library, torch, torchvision, numpy,
+PIL): copied alone, `python mokd.py` runs the demo. The method first, in the paper's order: 1 views, 2 backbones,
+3 heads and the search, 4 losses, 5 the MOKD step, 6 schedules; then 7 data, 8 distributed set-up and checkpoints,
+9 the training loop, 10 the demo, 11 the command line.
 
 Two models A and B (a CNN and a ViT in the paper) each have a student and an EMA teacher. Per model X, partner Y:
 
@@ -32,6 +30,7 @@ import platform
 import resource
 import signal
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -42,7 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 STUDENT_TEMP = 0.1
@@ -199,7 +198,7 @@ def resize_pos_embed(pos, grid, new_grid):
     # DEVIATION: interpolate to an exact size (DINO passes a scale factor with a +0.1 offset).
     D = pos.shape[-1]
     pos = pos.reshape(1, *grid, D).permute(0, 3, 1, 2)  # (1, D, h, w)
-    pos = F.interpolate(pos.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    pos = F.interpolate(f32(pos), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
     return pos.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)  # (1, h'*w', D)
 
 def trunc_normal_init(module):
@@ -591,14 +590,26 @@ def build_schedules(cfg, niter, world_size):
     S = {"momentum": cosine_schedule(cfg["momentum_teacher"], 1.0, E, niter),
          "tau_cross": teacher_temp_schedule(cfg["warmup_teacher_temp"], cfg["teacher_temp"],
                                             cfg["cross_warmup_teacher_temp_epochs"], E)}
+    def lr(peak, final):  # DEVIATION: the final lr is never above the scaled peak, so it never rises after warm-up
+        return cosine_schedule(peak * scale, min(final, peak * scale), E, niter, W)  # (see lr_floor_warnings)
     for m in "ab":
-        S[m] = {"main": (cosine_schedule(cfg[f"lr_{m}"] * scale, cfg[f"min_lr_{m}"], E, niter, W),
+        S[m] = {"main": (lr(cfg[f"lr_{m}"], cfg[f"min_lr_{m}"]),
                          cosine_schedule(cfg[f"weight_decay_{m}"], cfg[f"weight_decay_end_{m}"], E, niter)),
-                "thead": (cosine_schedule(cfg["thead_lr"] * scale, cfg["thead_min_lr"], E, niter, W),
+                "thead": (lr(cfg["thead_lr"], cfg["thead_min_lr"]),
                           cosine_schedule(cfg["thead_weight_decay"], cfg["thead_weight_decay_end"], E, niter)),
                 "tau": teacher_temp_schedule(cfg["warmup_teacher_temp"], cfg["teacher_temp"],
                                              cfg[f"warmup_teacher_temp_epochs_{m}"], E)}
     return S
+
+def lr_floor_warnings(cfg, world_size):
+    """One line per final lr above its scaled peak (small global batches), which build_schedules lowers to the peak."""
+    gb = cfg["batch_size_per_gpu"] * world_size
+    pairs = [(f"--lr-{m}", f"--min-lr-{m}", cfg[f"lr_{m}"], cfg[f"min_lr_{m}"]) for m in "ab"]
+    if any(family(cfg[f"arch_{m}"]) == "resnet" for m in "ab"):  # a CNN's T-head has its own lrs
+        pairs.append(("--thead-lr", "--thead-min-lr", cfg["thead_lr"], cfg["thead_min_lr"]))
+    return [f"warning: {fmin} {low} is above the scaled peak lr {lr * gb / 256:.4g} ({flr} {lr} x global batch {gb} "
+            f"/ 256): the lr stays at {lr * gb / 256:.4g} after warm-up; lower {fmin} or raise the batch"
+            for flr, fmin, lr, low in pairs if low > lr * gb / 256]
 
 def set_schedule(opt, sched, it):
     for g in opt.param_groups:
@@ -608,11 +619,12 @@ def set_schedule(opt, sched, it):
 
 # ==== 7. Data: image files (ImageFolder) or the built-in synthetic shapes; per-image seeded augmentation. =============
 def to_rgb(img):
-    """Any PIL mode -> 8-bit RGB (16-bit and float images are rescaled, alpha is dropped)."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    """Any PIL mode -> 8-bit RGB, scaled by the mode, never by the content: 16-bit modes (I;16*, and I, PIL's mode for
+    16-bit data after conversion) by 255 / 65535, float (F) as values in [0, 1]; alpha is dropped."""
+    if img.mode.startswith("I") or img.mode == "F":
+        top = 1.0 if img.mode == "F" else 65535.0
         arr = np.asarray(img, dtype=np.float64)
-        top = 255.0 if img.mode == "F" and arr.max() <= 255 else (65535.0 if arr.max() > 255 else 255.0)
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -621,30 +633,67 @@ def read_rgb(path):
     """Open an image file (a GIF: its first frame) as RGB; any failure becomes a MOKDError naming the file."""
     try:
         with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img))  # the EXIF orientation: a phone photo stands upright
     except Exception as e:  # PIL raises many types for broken files
         raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS + (".gif",)
 
 def image_folder(root, flag, transform=None, loader=read_rgb):
-    """torchvision's ImageFolder layout (DatasetFolder over IMAGE_EXTENSIONS, GIF included); its errors (no folder, no class folders, no images) and
-    repeated files (one file reached by several paths, e.g. a symbolic link: read once) are named with `flag`."""
+    """<root>/<class>/<image> as torchvision's ImageFolder (GIF included), yielding (PIL image, label). Its errors,
+    split folders taken for classes, stray images and files reached twice (symbolic links: read once) name `flag`."""
     try:
         ds = torchvision.datasets.DatasetFolder(root, loader, IMAGE_EXTENSIONS, transform=transform)
     except (OSError, RuntimeError) as e:  # FileNotFoundError, NotADirectoryError, ...
         raise MOKDError(f"{flag} {root!r}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+    splits = [c for c in ds.classes if c.lower() in ("train", "training", "val", "valid", "validation", "test")]
+    if splits:
+        raise MOKDError(f"{flag} {root!r} holds folders named like dataset splits ({', '.join(splits)}), which would "
+                        f"be read as classes: point {flag} at one split, e.g. {os.path.join(root, splits[0])}")
     stray = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if stray:
         print(f"warning: {len(stray)} images directly in {flag} {root!r} are not read (only <root>/<class>/<image> "
               f"is), e.g. {stray[0]}", file=sys.stderr, flush=True)
-    unique = list({os.path.realpath(path): (path, y) for path, y in reversed(ds.samples)}.values())[::-1]
+    seen, unique = set(), []
+    for path, y in ds.samples:
+        if os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            unique.append((path, y))
     if len(unique) < len(ds.samples):
         print(f"warning: {len(ds.samples) - len(unique)} images are reached by more than one path under {flag} "
               f"{root!r} (symbolic links); each is read once", file=sys.stderr, flush=True)
         ds.samples = unique
         ds.targets = [y for _, y in unique]
+    return ds
+
+DATASETS = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),
+            "stl10": ("STL10", "stl10_binary")}  # --data-path NAME: torchvision's class and its folder in --data-root
+
+def named_dataset(name, root, split, flag, transform=None):
+    """torchvision's dataset `name` in `root` (split "ssl": the training images, STL-10's train+unlabeled; "train";
+    "test"), downloaded on first use; torchvision checks the files' md5 before a run reads them."""
+    cls_name, folder = DATASETS[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    kwargs = {"train": split != "test"}
+    if name == "stl10":
+        kwargs = {"split": "train+unlabeled" if split == "ssl" else split}
+    ds = error = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the first process of each machine downloads; the others wait
+        try:
+            ds = cls(root, transform=transform, download=True, **kwargs)
+        except Exception as e:  # no network, a full disk, a corrupt archive
+            error = e
+    if is_dist():
+        dist.barrier()
+    if ds is None and error is None:
+        try:
+            ds = cls(root, transform=transform, download=False, **kwargs)
+        except Exception as e:
+            error = e
+    if ds is None:
+        raise MOKDError(f"{flag} {name}: {type(error).__name__}: {error}. The files belong in "
+                        f"{os.path.join(root, folder)!r}: without network here, download them elsewhere (torchvision."
+                        f"datasets.{cls_name}('data', download=True)) and copy data/{folder} there, or set --data-root")
     return ds
 
 SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes")  # draw_synthetic's labels 0-5
@@ -686,10 +735,8 @@ def draw_synthetic(index, seed, size):
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), label
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Item (epoch, index) -> the crops of image `index`, augmented with torch's RNG seeded by (seed, epoch, index):
-    an image's crops never depend on which worker loads it, so the data order and augmentation resume exactly.
-    `images` is an ImageFolder (an unreadable file is skipped with a warning naming it) or None: `n` synthetic
-    images of `size` px (draw_synthetic)."""
+    """Item (epoch, index) -> the crops of image `index` of `images` (PIL image, label pairs; None: `n` synthetic
+    images), augmented with torch's RNG seeded by (seed, epoch, index): resume is exact, whatever the workers."""
 
     def __init__(self, images, aug, seed, n=0, size=32):
         self.images, self.aug, self.seed, self.n, self.size = images, aug, seed, n, size
@@ -701,13 +748,12 @@ class MultiCropDataset(torch.utils.data.Dataset):
         if self.images is None:
             return draw_synthetic(index, self.seed, self.size)[0]
         for attempt in range(min(len(self), 50)):  # 50 unreadable files in a row: the data is broken
-            path = self.images.samples[(index + attempt) % len(self)][0]
             try:
-                return self.images.loader(path)
+                return self.images[(index + attempt) % len(self)][0]
             except MOKDError as e:  # DEVIATION: the authors' loader crashes the worker on a broken file
                 print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
-        raise MOKDError(f"{min(len(self), 50)} unreadable images in a row from {self.images.samples[index][0]} on: "
-                        f"is the folder {self.images.root!r} corrupt? (each is named in a warning above)")
+        raise MOKDError(f"{min(len(self), 50)} unreadable images in a row from image {index} on: is the data "
+                        f"corrupt? (each is named above)")
 
     def __getitem__(self, key):
         epoch, index = key  # from EpochSampler
@@ -718,9 +764,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
             return self.aug(img)
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Global permutation seeded by (seed, epoch), split across ranks (rank::world), full batches only,
-    starting at batch `start` (mid-epoch resume). Step s of the global batch is the same images whatever
-    the number of processes."""
+    """(epoch, index) keys: a permutation seeded by (seed, epoch), split across ranks (rank::world), full batches only,
+    from batch `start` (mid-epoch resume). Step s sees the same global batch whatever the number of processes."""
 
     def __init__(self, n, batch_per_rank, rank, world, seed):
         self.n, self.b, self.rank, self.world, self.seed = n, batch_per_rank, rank, world, seed
@@ -737,9 +782,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.b
 
 def quiet_worker(_):
-    """DataLoader workers leave their rank's process group: torchrun (and some schedulers) stop a rank by signalling
-    its whole group, which would kill the workers mid-step, before the rank can save. The workers still end with the
-    DataLoader, and on their own when the rank dies (they watch their parent). Ctrl-C is the main process's too."""
+    """DataLoader workers leave the process group that torchrun (or a scheduler) signals, and ignore Ctrl-C: a stop
+    never kills them before their rank has saved. They still end with the DataLoader, or when their rank dies."""
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -752,19 +796,20 @@ def make_loader(cfg, rank, world, device):
     """-> (dataset, EpochSampler, DataLoader) of the run's training images; batches are lists of uint8 crops."""
     aug = MultiCropAugmentation(cfg["global_crop_size"], cfg["local_crop_size"], cfg["local_crops_number"],
                                 cfg["global_crops_scale"], cfg["local_crops_scale"])
-    if cfg["data_path"]:
+    if cfg["data_path"] in DATASETS:
+        ds = MultiCropDataset(named_dataset(cfg["data_path"], cfg["data_root"], "ssl", "--data-path"), aug, cfg["seed"])
+    elif cfg["data_path"]:
         ds = MultiCropDataset(image_folder(cfg["data_path"], "--data-path"), aug, cfg["seed"])
     else:
         ds = MultiCropDataset(None, aug, cfg["seed"], cfg["synthetic_size"], max(32, cfg["global_crop_size"]))
     sampler = EpochSampler(len(ds), cfg["batch_size_per_gpu"], rank, world, cfg["seed"])
     if sampler.steps == 0:
-        raise MOKDError(f"the dataset ({len(ds)} images) is smaller than one global batch "
-                        f"({cfg['batch_size_per_gpu']} x {world} processes); lower --batch-size-per-gpu")
+        raise MOKDError(f"{len(ds)} images are fewer than one global batch ({cfg['batch_size_per_gpu']} x {world} "
+                        f"processes); lower --batch-size-per-gpu")
     w = cfg["num_workers"]
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size_per_gpu"], sampler=sampler, num_workers=w,
-                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         pin_memory=device.type == "cuda", worker_init_fn=quiet_worker,
                                          generator=torch.Generator().manual_seed(cfg["seed"]),  # not the global RNG
-                                         worker_init_fn=quiet_worker,
                                          persistent_workers=w > 0, prefetch_factor=4 if w > 0 else None)
     return ds, sampler, loader
 
@@ -800,10 +845,7 @@ def check_writable_dir(path, flag):
     """Create the folder if needed and write a file into it: fails now, not after hours of work."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise MOKDError(f"{flag} {path!r} cannot be created or written: {e.strerror or e}") from None
 
@@ -819,11 +861,9 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename itself reaches the disk
+    os.fsync(dir_fd)
+    os.close(dir_fd)
 
 def load_checkpoint(path):
     """torch.load(weights_only=True) with a clear error for a missing, truncated or foreign file."""
@@ -832,9 +872,8 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise MOKDError(f"checkpoint {path!r} does not exist") from None
     except Exception as e:
-        first_line = str(e).splitlines()[0] if str(e) else ""
         raise MOKDError(f"checkpoint {path!r} is unreadable (truncated or not a mokd checkpoint): "
-                        f"{type(e).__name__}: {first_line}") from None
+                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "models" not in ckpt:
         raise MOKDError(f"checkpoint {path!r} is not a mokd.py checkpoint (no 'config' / 'models' entries)")
     return ckpt
@@ -846,23 +885,28 @@ def load_strict(module, state, what):
     except RuntimeError as e:
         raise MOKDError(f"{what}: state dict does not match the model: {' '.join(str(e).split())[:1000]}") from None
 
-# Keys that must match between a checkpoint and the run that resumes it.
-GEOMETRY_KEYS = ("arch_a", "arch_b", "patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads",
-                 "head_hidden_dim", "bottleneck_dim", "global_crop_size", "local_crop_size",
-                 "local_crops_number", "global_crops_scale", "local_crops_scale", "stem")
+# Settings a resume cannot change: the models' shapes and the optimisers' state.
+FIXED_KEYS = ("arch_a", "arch_b", "patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads",
+              "head_hidden_dim", "bottleneck_dim", "global_crop_size", "local_crop_size", "local_crops_number",
+              "global_crops_scale", "local_crops_scale", "stem", "optimizer_a", "optimizer_b", "norm_last_layer_a",
+              "norm_last_layer_b")
 
-def check_resume_config(saved, cfg, path):
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs requested {cfg[k]!r}"
-            for k in GEOMETRY_KEYS if saved.get(k) != cfg[k]]
+def check_resume_config(saved, cfg, path, rank):
+    """Refuse a resume that changes FIXED_KEYS; name every other setting that differs (the new value applies)."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs requested {cfg[k]!r}" for k in FIXED_KEYS if saved.get(k) != cfg[k]]
     if diff:
         raise MOKDError(f"checkpoint {path!r} was trained with a different configuration; "
                         f"differing keys: {'; '.join(diff)}. Use another --output-dir or the saved settings.")
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.items()
+               if k not in ("resume", "output_dir", "max_steps") and saved.get(k, v) != v]
+    if changed:
+        say(rank, f"warning: resuming {path} with settings that differ from its own (the new values apply from "
+                  f"here on): {'; '.join(changed)}")
 
 # ==== 9. The training loop: stops cleanly on a signal and on a non-finite loss, resumes exactly. ======================
 class StopRequest:
-    """`with StopRequest() as stop:` SIGTERM / SIGINT set stop.requested; the training loop makes the step during
-    which the signal arrived (on any rank) the last one, writes a checkpoint and exits. A second signal exits at once,
-    without saving. The old handlers return on exit."""
+    """`with StopRequest() as stop:` SIGTERM / SIGINT set stop.requested: the step during which a signal reached any
+    rank is the last; the run saves and exits. A second signal exits at once, without saving."""
 
     def __enter__(self):
         self.requested = False
@@ -877,8 +921,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"received signal {signum}: the current step completes, then a checkpoint is written and the run exits "
-              f"(another signal exits at once, without saving)", file=sys.stderr, flush=True)
+        print(f"signal {signum}: saving after this step (another signal exits at once, without saving)",
+              file=sys.stderr, flush=True)
 
     def agreed(self, group):
         """True on every rank if a signal reached any rank: a tiny all-reduce on the CPU (gloo), no GPU sync."""
@@ -889,22 +933,20 @@ class StopRequest:
         return flag.item() > 0
 
 class Logger:
-    """Collects each step's VALUE_KEYS values on the device; `check` reads them (one host sync per log interval,
-    averaged over ranks), stops on a non-finite value so that a broken state is never saved, and on rank 0 writes
-    the last step's log.jsonl record and console line."""
+    """Holds each step's VALUE_KEYS values on the device; `check` reads them once per log interval (averaged over
+    ranks), stops on a non-finite value (never saved), and on rank 0 writes log.jsonl and the console line."""
 
-    def __init__(self, cfg, path, rank, world, S, niter, total, device):
-        self.cfg, self.rank, self.world, self.S, self.niter, self.total, self.device = (cfg, rank, world, S, niter,
-                                                                                       total, device)
+    def __init__(self, cfg, path, rank, world, S, niter, total, device, last_ckpt):
+        self.cfg, self.rank, self.world, self.S, self.niter, self.total = cfg, rank, world, S, niter, total
+        self.device, self.last_ckpt = device, last_ckpt
         self.file = open(path, "a") if rank == 0 else None
-        self.pending, self.images, self.steps, self.t = [], 0, 0, time.time()
-        self.last_ckpt = None
+        self.pending, self.steps, self.t = [], 0, time.time()
 
     def check(self, log_it):
         # DEVIATION: DINO checks loss.item() every step (a host sync each step); the steps are checked in batches.
         if not self.pending:
             return
-        values = torch.stack([v for _, v in self.pending]).float()  # (steps, 12): VALUE_KEYS
+        values = f32(torch.stack([v for _, v in self.pending]))  # (steps, 12): VALUE_KEYS
         if self.world > 1:
             dist.all_reduce(values)
         rows = (values / self.world).tolist()
@@ -914,7 +956,6 @@ class Logger:
                     model, term = key.split(".")
                     raise MOKDError(f"non-finite loss: model {model.upper()} term {term} = {v} at step {step}. "
                                     f"Last good checkpoint: {self.last_ckpt or 'none written yet'} (left intact).")
-        self.images += len(self.pending) * self.cfg["batch_size_per_gpu"] * self.world
         self.steps += len(self.pending)
         if self.rank == 0 and log_it:
             self.write(self.pending[-1][0], dict(zip(VALUE_KEYS, rows[-1])))
@@ -923,7 +964,7 @@ class Logger:
     def write(self, step, vals):
         """One log.jsonl record and one console line for `step` (vals: its VALUE_KEYS values)."""
         S, epoch, now = self.S, step // self.niter, time.time()
-        rate = self.images / max(now - self.t, 1e-9)
+        rate = self.steps * self.cfg["batch_size_per_gpu"] * self.world / max(now - self.t, 1e-9)
         rec = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in vals.items()},
                "lr_a": float(S["a"]["main"][0][step]), "lr_b": float(S["b"]["main"][0][step]),
                "momentum": float(S["momentum"][step]), "tau_a": float(S["a"]["tau"][epoch]),
@@ -937,51 +978,50 @@ class Logger:
         terms = " | ".join(f"{m.upper()}: " + " ".join(f"{k} {vals[f'{m}.{k}']:.3f}" for k in LOSS_NAMES)
                            for m in "ab")
         eta = datetime.timedelta(seconds=int((now - self.t) / max(self.steps, 1) * (self.total - step - 1)))
-        print(f"step {step + 1}/{self.total} epoch {epoch} | {terms} | {rate:.1f} img/s | ETA {eta}", flush=True)
-        self.t, self.images, self.steps = now, 0, 0
+        print(f"step {step}/{self.total - 1} epoch {epoch} | {terms} | {rate:.1f} img/s | ETA {eta}", flush=True)
+        self.t, self.steps = now, 0
 
-    def tell(self):
-        """The log's byte length (rank 0): saved in each checkpoint, the resume cuts the log back to it."""
-        return self.file.tell() if self.file else None
+def save_views(ds, path, n=4):
+    """views.png: the crops of the first n training images as the model receives them (augmented, before
+    normalisation): a row per image, g1, g2, then each local crop centred on a canvas of the global size."""
+    cells = []
+    for i in range(min(n, len(ds))):
+        crops = ds[(0, i)]  # epoch 0's crops of image i: [g1, g2, l_1 .. l_n], uint8 (3, H, W)
+        G = crops[0].shape[-1]
+        cells += [F.pad(c, [(G - c.shape[-1]) // 2, (G - c.shape[-1] + 1) // 2] * 2) for c in crops]  # (3, G, G)
+    torchvision.utils.save_image(torch.stack(cells).float() / 255, path, nrow=len(crops), pad_value=1.0)
 
 def peak_memory_mb(device):
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
-def save_checkpoint(run, log, step, niter, path, world):
+def save_checkpoint(run, log, step, niter, path):
     """Every rank checks its last steps (never save a non-finite state); rank 0 writes checkpoint.pth atomically,
     and checkpointNNNN.pth at the end of every --saveckp-freq-th epoch."""
     log.check(log_it=False)
     epoch, it = divmod(step, niter)
+    freq = run.cfg["saveckp_freq"]
     if log.rank == 0:
         state = {"config": run.cfg, "epoch": epoch, "step_in_epoch": it, "global_step": step,
-                 "steps_per_epoch": niter, "log_bytes": log.tell(), **run.state()}
-        atomic_save(state, path)
-        freq = run.cfg["saveckp_freq"]
-        if freq and it == 0 and epoch % freq == 0:  # DINO's --saveckp_freq
-            atomic_save(state, os.path.join(os.path.dirname(path), f"checkpoint{epoch:04d}.pth"))
+                 "steps_per_epoch": niter, "log_bytes": log.file.tell(), **run.state()}
+        try:
+            atomic_save(state, path)
+            if freq and it == 0 and epoch % freq == 0:  # DINO's --saveckp_freq
+                atomic_save(state, os.path.join(os.path.dirname(path), f"checkpoint{epoch:04d}.pth"))
+        except OSError as e:  # a full disk, a lost mount: the previous file is intact (atomic_save)
+            raise MOKDError(f"cannot write a checkpoint into {os.path.dirname(path)!r} at step {step}: "
+                            f"{e.strerror or e}. Still good: {log.last_ckpt or 'no checkpoint yet'}") from None
     log.last_ckpt = path
-
-def resume_point(saved, path, niter, rank):
-    """The global step a checkpoint continues from; a mid-epoch checkpoint of another global batch or dataset size
-    restarts its epoch."""
-    epoch, it = saved["epoch"], saved["step_in_epoch"]
-    if it and saved.get("steps_per_epoch") != niter:
-        say(rank, f"warning: {path} stopped mid-epoch with {saved.get('steps_per_epoch')} steps per epoch, "
-                  f"this run has {niter}: epoch {epoch} restarts from its first step")
-        it = 0
-    return epoch * niter + it
 
 def train_epoch(run, loader, log, S, step, end, stop, stop_group):
     """Steps until the epoch, the run (`end`) or a signal ends; -> (next step, stopped by a signal)."""
     cfg, stats = run.cfg, image_stats(run.device)
     try:
         for crops in loader:
-            epoch = step // log.niter
             # Per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
             torch.manual_seed(hash((cfg["seed"], log.rank, step)) & 0x7FFFFFFF)
-            log.pending.append((step, run.step(normalise(crops, *stats), epoch, step, S)))
+            log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, S)))
             if step % cfg["log_every"] == 0 or step == end - 1:
                 log.check(log_it=True)
             step += 1
@@ -997,14 +1037,16 @@ def train_epoch(run, loader, log, S, step, end, stop, stop_group):
         return step, True  # the model is at the end of a complete step: save it
     return step, False
 
+EVALUATE = "Evaluate: python eval_linear.py --checkpoint {} --model a --knn --train-path TRAIN_DIR --val-path VAL_DIR"
+
 def train(cfg, rank, world, device, stop):
     """The training loop. `stop` (a StopRequest) is set by SIGTERM / SIGINT: the step completes, every rank saves."""
     out = cfg["output_dir"]
-    ckpt_path = os.path.join(out, "checkpoint.pth")
+    ckpt_path, log_path = os.path.join(out, "checkpoint.pth"), os.path.join(out, "log.jsonl")
     resume = cfg["resume"] or (ckpt_path if os.path.exists(ckpt_path) else None)
     saved = load_checkpoint(resume) if resume else None  # a bad file is never overwritten by a fresh start
     if saved:
-        check_resume_config(saved["config"], cfg, resume)
+        check_resume_config(saved["config"], cfg, resume, rank)
     ds, sampler, loader = make_loader(cfg, rank, world, device)
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     run = Run(cfg, device, world)
@@ -1015,92 +1057,84 @@ def train(cfg, rank, world, device, stop):
     step = 0
     if saved:
         run.load(saved, resume)
-        step = resume_point(saved, resume, niter, rank)
-    log_path = os.path.join(out, "log.jsonl")
-    if rank == 0 and saved and saved.get("log_bytes") is not None and os.path.exists(log_path):
-        # Steps logged after the checkpoint run again after the resume: cut the log back, so each appears once.
-        os.truncate(log_path, min(saved["log_bytes"], os.path.getsize(log_path)))
+        epoch, it = saved["epoch"], saved["step_in_epoch"]
+        if it and saved["steps_per_epoch"] != niter:  # another global batch or dataset size
+            say(rank, f"warning: {resume} stopped mid-epoch with {saved['steps_per_epoch']} steps per epoch, this run "
+                      f"has {niter}: epoch {epoch} restarts from its first step")
+            it = 0
+        step = epoch * niter + it
+        if rank == 0 and os.path.exists(log_path):  # steps logged after the checkpoint run again: each appears once
+            os.truncate(log_path, min(saved.get("log_bytes", math.inf), os.path.getsize(log_path)))
     del saved
     if step >= end:
         done = f"a finished run ({cfg['epochs']} epochs, {step} steps)" if step >= all_steps else f"at step {step}"
-        say(rank, f"{resume} is {done}: nothing to do. {evaluation_command(ckpt_path)}")
-        return None
+        return say(rank, f"{resume} is {done}: nothing to do. {EVALUATE.format(ckpt_path)}")
     if resume:
-        say(rank, f"resumed from {resume}: epoch {step // niter}, step {step}")
+        say(rank, f"resumed from {resume}: continues with step {step} (epoch {step // niter})")
     if rank == 0:
-        write_run_info(cfg, world, device)
-        print(run_summary(cfg, ds, niter, end, world, device, S), flush=True)
+        start_report(cfg, ds, niter, end, world, device, S)
     # Every rank learns of a signal after each step (on the CPU: no GPU sync), so all stop after the same step.
     stop_group = None if world == 1 else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    log = Logger(cfg, log_path, rank, world, S, niter, end, device)
-    log.last_ckpt = resume
+    log = Logger(cfg, log_path, rank, world, S, niter, end, device, last_ckpt=resume)
     stopped = False
     try:
         while step < end and not stopped:  # one epoch per iteration
             sampler.epoch, sampler.start = divmod(step, niter)
             step, stopped = train_epoch(run, loader, log, S, step, end, stop, stop_group)
-            save_checkpoint(run, log, step, niter, ckpt_path, world)
+            save_checkpoint(run, log, step, niter, ckpt_path)
     finally:
         if log.file:
             log.file.close()
     if stopped:
-        say(rank, f"stopped by signal after step {step}; relaunch the same command to resume")
+        say(rank, f"stopped by signal after step {step - 1}; relaunch the same command to resume")
     elif step < all_steps:
         say(rank, f"--max-steps {cfg['max_steps']} reached; checkpoint written to {ckpt_path}")
     else:
-        say(rank, f"finished: {cfg['epochs']} epochs, {step} steps; checkpoint: {ckpt_path}. "
-                  f"{evaluation_command(ckpt_path)}")
+        say(rank, f"finished: {cfg['epochs']} epochs, {step} steps. {EVALUATE.format(ckpt_path)}")
         if rank == 0 and not cfg["data_path"]:
             demo_report(cfg, log_path, ckpt_path)
     return run
 
-def run_summary(cfg, ds, niter, end, world, device, S):
-    """What the run is, printed at its start on rank 0."""
-    data = cfg["data_path"] or "the built-in synthetic shapes (no --data-path)"
-    lr = ", ".join(f"{m.upper()} {S[m]['main'][0].max():.3g} ({cfg[f'optimizer_{m}']})" for m in "ab")
-    return (f"recipe {cfg['recipe']}: {cfg['arch_a']} (A) + {cfg['arch_b']} (B), K {cfg['out_dim']}, crops 2 x "
-            f"{cfg['global_crop_size']} + {cfg['local_crops_number']} x {cfg['local_crop_size']} px; data: {data}, "
-            f"{len(ds)} images\n{niter} steps per epoch x {cfg['epochs']} epochs (this launch stops at step {end}); "
-            f"global batch {cfg['batch_size_per_gpu'] * world}; peak lr {lr}; {cfg['precision']} on {world} x "
-            f"{device.type}; output: {cfg['output_dir']}")
-
-def evaluation_command(ckpt_path):
-    return (f"Evaluate: python eval_linear.py --checkpoint {ckpt_path} --model a --knn --train-path TRAIN_DIR "
-            f"--val-path VAL_DIR")
-
-def write_run_info(cfg, world, device):
-    """config.json: the resolved config, versions, hardware and command line."""
+def start_report(cfg, ds, niter, end, world, device, S):
+    """At the start, on rank 0: config.json (the config, versions, hardware, command line), views.png (save_views),
+    and a few lines on what the run is."""
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     info = {"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "device": hardware, "argv": sys.argv}
     with open(os.path.join(cfg["output_dir"], "config.json"), "w") as f:
         json.dump(info, f, indent=1)
+    save_views(ds, os.path.join(cfg["output_dir"], "views.png"))
+    data = cfg["data_path"] or "the built-in synthetic shapes (no --data-path)"
+    data += f" (from {cfg['data_root']})" if cfg["data_path"] in DATASETS else ""
+    lr = ", ".join(f"{m.upper()} {S[m]['main'][0].max():.3g} ({cfg[f'optimizer_{m}']})" for m in "ab")
+    print(f"recipe {cfg['recipe']}: {cfg['arch_a']} (A) + {cfg['arch_b']} (B), K {cfg['out_dim']}, crops 2 x "
+          f"{cfg['global_crop_size']} + {cfg['local_crops_number']} x {cfg['local_crop_size']} px; data: {data}, "
+          f"{len(ds)} images\n{niter} steps per epoch x {cfg['epochs']} epochs (this launch stops at step {end}); "
+          f"global batch {cfg['batch_size_per_gpu'] * world}; peak lr {lr}; {cfg['precision']} on {world} x "
+          f"{device.type}; output: {cfg['output_dir']}", *lr_floor_warnings(cfg, world), sep="\n", flush=True)
 
 # ==== 10. The demo's report (`python mokd.py`, no --data-path). =======================================================
 def demo_report(cfg, log_path, ckpt_path):
-    """Each loss term's first and last logged value, both collapse signals against log K, where the checkpoint is
-    and what to try next. The last line is one JSON object."""
+    """Each loss term's first and last logged value, both collapse signals against log K, the checkpoint and what to
+    try next. The last line is one JSON object."""
     with open(log_path) as f:
         records = [json.loads(line) for line in f]
     first, last, log_k = records[0], records[-1], math.log(cfg["out_dim"])
-    print(f"\nloss terms, logged step {first['step']} -> {last['step']}:")
-    for m in "ab":
-        terms = [f"{k} {first[f'{m}.{k}']:.2f} -> {last[f'{m}.{k}']:.2f}" for k in LOSS_NAMES
-                 if first[f"{m}.{k}"] is not None]
-        print(f"  {m.upper()} ({cfg[f'arch_{m}']}): " + ", ".join(terms))
-    print(f"collapse signals at the last logged step (log K = {log_k:.2f}; near log K: uniform, near 0: one "
-          f"prototype, healthy: entropy low and entropy of the batch mean near log K):")
-    for m in "ab":
-        print(f"  {m.upper()} teacher: entropy {last[f'{m}.entropy']:.2f}, "
-              f"of its batch mean {last[f'{m}.batch_entropy']:.2f}")
+    report = {m: {"arch": cfg[f"arch_{m}"], "first": {k: first[f"{m}.{k}"] for k in LOSS_NAMES},
+                  "last": {k: last[f"{m}.{k}"] for k in LOSS_NAMES}, "entropy": last[f"{m}.entropy"],
+                  "batch_entropy": last[f"{m}.batch_entropy"]} for m in "ab"}
+    print(f"\nloss terms, logged step {first['step']} -> {last['step']}, and the teachers' collapse signals (log K = "
+          f"{log_k:.2f}; near log K: uniform; near 0: one prototype; healthy: entropy low, of the batch mean high):")
+    for m, r in report.items():
+        terms = ", ".join(f"{k} {r['first'][k]:.2f} -> {r['last'][k]:.2f}" for k in LOSS_NAMES
+                          if r["first"][k] is not None)
+        print(f"  {m.upper()} ({r['arch']}): {terms}; entropy {r['entropy']:.2f}, of its batch mean "
+              f"{r['batch_entropy']:.2f}")
     print(f"checkpoint: {ckpt_path}\nThis run checks that the whole method runs end to end. About 100 steps on a CPU "
           f"do not make DINO-family features better than random ones on these images; real data and a GPU do.\n"
           f"next: python eval_linear.py --checkpoint {ckpt_path} --knn   # k-NN on held-out synthetic images\n"
-          f"      python mokd.py --recipe cifar10 --data-path DIR --output-dir OUT   # train on real images")
-    summary = {m: {"arch": cfg[f"arch_{m}"], "first": {k: first[f"{m}.{k}"] for k in LOSS_NAMES},
-                   "last": {k: last[f"{m}.{k}"] for k in LOSS_NAMES}, "entropy": last[f"{m}.entropy"],
-                   "batch_entropy": last[f"{m}.batch_entropy"]} for m in "ab"}
-    print(json.dumps({**summary, "log_K": round(log_k, 3), "checkpoint": ckpt_path}), flush=True)
+          f"      python mokd.py --recipe cifar10 --data-path cifar10 --output-dir OUT   # train on CIFAR-10")
+    print(json.dumps({**report, "log_K": round(log_k, 3), "checkpoint": ckpt_path}), flush=True)
 
 # ==== 11. The command line: a recipe gives every default (two-stage parse), argparse types validate single flags. =====
 def checked(convert, ok, what):
@@ -1108,16 +1142,12 @@ def checked(convert, ok, what):
     def parse(text):
         try:
             value = convert(text)
-        except ValueError:
+        except (ValueError, KeyError):
             value = None
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse
-
-def str2bool(text):
-    return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower())
-
 positive_int = checked(int, lambda v: v >= 1, "a positive integer")
 count = checked(int, lambda v: v >= 0, "an integer >= 0")
 non_negative = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
@@ -1125,17 +1155,18 @@ temperature = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive t
 fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 area = checked(float, lambda v: 0 < v <= 1, "an area fraction in (0, 1]")
 probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
-boolean = checked(str2bool, lambda v: True, "true or false")
+boolean = checked(lambda t: {"true": True, "1": True, "false": False, "0": False}[t.lower()], lambda v: True,
+                  "true or false")
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default; a flag whose default is computed later says so in its own help."""
+    """Shows each flag's default, but not "None": such a flag says in its help what happens without it."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
-def recipe_defaults(recipe, arch_a=None, arch_b=None):
-    """Every default a recipe gives: its table entry, then per model the family's values (and the recipe's
-    overrides of them) for that model's architecture, and the authors' T-head width for the pair."""
+def recipe_defaults(recipe, arch_a=None, arch_b=None, epochs=None):
+    """Every default of a recipe: its table entry, per model its family's values (with the recipe's overrides), the
+    authors' T-head width; with other `epochs`, the warm-ups keep their share of the run (>= 1 epoch if not 0)."""
     r = RECIPES[recipe]
     d = {k: v for k, v in r.items() if k != "family"}
     d["arch_a"], d["arch_b"] = arch_a or r["arch_a"], arch_b or r["arch_b"]
@@ -1143,13 +1174,18 @@ def recipe_defaults(recipe, arch_a=None, arch_b=None):
         fam = family(d[f"arch_{m}"])
         d.update({f"{k}_{m}": v for k, v in {**FAMILY[fam], **r.get("family", {}).get(fam, {})}.items()})
     d["thead_dim"] = thead_width(d["arch_a"], d["arch_b"])
+    warmups = ("warmup_epochs", "cross_warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs_a",
+               "warmup_teacher_temp_epochs_b")
+    if epochs:
+        d.update({k: max(1, round(d[k] * epochs / r["epochs"])) if d[k] else 0 for k in warmups})
     return d
 
-def build_parser(recipe="demo", arch_a=None, arch_b=None):
-    """The full parser with the defaults of `recipe` for the pair (arch_a, arch_b)."""
+def build_parser(recipe="demo", arch_a=None, arch_b=None, epochs=None):
+    """The full parser with the defaults of `recipe` for the pair (arch_a, arch_b) and `epochs`."""
     p = argparse.ArgumentParser("mokd", description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
                                 allow_abbrev=False, epilog=f"Defaults shown are those of recipe {recipe!r} for "
-                                f"this pair; `--recipe NAME --help` shows another recipe's ({', '.join(RECIPES)}).")
+                                f"this pair and --epochs; `--recipe NAME --help` shows another recipe's "
+                                f"({', '.join(RECIPES)}). A recipe's warm-ups keep their share of --epochs.")
     a = p.add_argument
     a("--recipe", choices=list(RECIPES), help="preset of every default (demo without --data-path, imagenet with it)")
     a("--arch-a", choices=ARCHS, help="model A")
@@ -1184,7 +1220,7 @@ def build_parser(recipe="demo", arch_a=None, arch_b=None):
     a("--cross-warmup-teacher-temp-epochs", type=count, help="warm-up epochs of the cross terms' temperature")
     a("--momentum-teacher", type=fraction, help="initial EMA momentum, cosine to 1")
     a("--epochs", type=positive_int, help="training epochs")
-    a("--warmup-epochs", type=count, help="linear lr warm-up epochs, clamped to --epochs")
+    a("--warmup-epochs", type=count, help="linear lr warm-up epochs, a recipe's share of --epochs")
     a("--freeze-last-layer", type=count, help="epochs during which the heads' last layers stay fixed")
     a("--batch-size-per-gpu", type=positive_int, help="images per process")
     a("--global-crop-size", type=positive_int, help="global crops, px")
@@ -1192,40 +1228,41 @@ def build_parser(recipe="demo", arch_a=None, arch_b=None):
     a("--local-crops-number", type=count, help="local crops per image")
     a("--global-crops-scale", type=area, nargs=2, help="area range of the global crops")
     a("--local-crops-scale", type=area, nargs=2, help="area range of the local crops")
-    a("--data-path", help="ImageFolder tree (<root>/<class>/<image>); without it, built-in synthetic shapes")
+    a("--data-path", help=f"an image folder (<root>/<class>/<image>) or a dataset name ({', '.join(DATASETS)}: "
+      f"downloaded into --data-root on first use); without it, built-in synthetic shapes")
+    a("--data-root", default="data", help="where named datasets are (or are downloaded to)")
     a("--synthetic-size", type=positive_int, default=768, help="images in the synthetic dataset (no --data-path)")
     a("--num-workers", type=count, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
     a("--output-dir", default="output", help="checkpoint.pth, log.jsonl and config.json go here")
     a("--resume", help="resume from this checkpoint (default: OUTPUT_DIR/checkpoint.pth if present)")
     a("--saveckp-freq", type=count, default=0, help="also keep checkpointNNNN.pth every N epochs (0: never)")
     a("--seed", type=int, default=0, help="seed of the initial weights, the data order and the augmentations")
-    a("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    a("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     a("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     a("--max-steps", type=positive_int, help="stop after N optimiser steps (writes a checkpoint)")
     a("--log-every", type=positive_int, help="steps between log.jsonl records")
     a("--dist-timeout", type=non_negative, default=30, help="minutes a collective may wait for another rank")
     a("--compile", action="store_true", help="torch.compile students and teachers")
     a("--grad-checkpointing", action="store_true", help="recompute ViT blocks in backward to save memory")
-    p.set_defaults(**recipe_defaults(recipe, arch_a, arch_b))
+    p.set_defaults(**recipe_defaults(recipe, arch_a, arch_b, epochs))
     return p
 
 def parse_config(argv=None):
     """Command line -> the run's config dict. Stage 1 reads the recipe and the pair, stage 2 parses every flag with
     their defaults, so `--help` shows the values of the run being configured."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for name in ("--recipe", "--data-path", "--arch-a", "--arch-b"):
+    for name in ("--recipe", "--data-path", "--arch-a", "--arch-b", "--epochs"):
         pre.add_argument(name)
     known = pre.parse_known_args(argv)[0]
     recipe = known.recipe if known.recipe in RECIPES else "demo" if known.data_path is None else "imagenet"
     archs = [a if a in ARCHS else None for a in (known.arch_a, known.arch_b)]
-    cfg = vars(build_parser(recipe, *archs).parse_args(argv))
-    cfg["recipe"] = recipe
-    for k in ("global_crops_scale", "local_crops_scale"):
-        cfg[k] = list(cfg[k])
+    epochs = int(known.epochs) if (known.epochs or "").isdigit() and int(known.epochs) > 0 else None
+    cfg = vars(build_parser(recipe, *archs, epochs).parse_args(argv))
+    cfg.update(recipe=recipe, global_crops_scale=list(cfg["global_crops_scale"]),
+               local_crops_scale=list(cfg["local_crops_scale"]))
     if cfg["stem"] == "auto":
         cfg["stem"] = "cifar" if cfg["global_crop_size"] <= 64 else "imagenet"
-    if cfg["precision"] is None:
-        # DEVIATION: bf16 by default on CUDA (the authors use fp16, available as --precision fp16).
+    if cfg["precision"] is None:  # DEVIATION: bf16 by default on CUDA (the authors': fp16, --precision fp16)
         cfg["precision"] = "bf16" if cfg["device"] == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return cfg
 
@@ -1240,21 +1277,20 @@ def check_config(cfg, world_size):
     for k in ("global_crops_scale", "local_crops_scale"):
         if cfg[k][0] > cfg[k][1]:
             bad(f"--{k.replace('_', '-')} must be given as MIN MAX with MIN <= MAX, got {cfg[k][0]} {cfg[k][1]}")
-    if cfg["local_crops_number"] == 0 and (cfg["lam_a"] > 0 or cfg["lam_b"] > 0):
-        # L_ct searches with local-crop queries: without local crops the cross terms are incomplete.
+    if cfg["local_crops_number"] == 0 and (cfg["lam_a"] > 0 or cfg["lam_b"] > 0):  # L_ct's queries are local crops
         bad("--local-crops-number 0 leaves L_ct without queries; give local crops or set --lambda-a 0 --lambda-b 0")
     if cfg["thead_dim"] % cfg["thead_heads"]:
         bad(f"--thead-dim {cfg['thead_dim']} is not divisible by --thead-heads {cfg['thead_heads']}")
     for m in "ab":
         arch, s = cfg[f"arch_{m}"], feature_stride(cfg[f"arch_{m}"], cfg)
-        for k in ("global_crop_size", "local_crop_size"):
-            flag, size = "--" + k.replace("_", "-"), cfg[k]
+        for flag, size in (("--global-crop-size", cfg["global_crop_size"]),
+                           ("--local-crop-size", cfg["local_crop_size"])):
             if family(arch) == "vit" and size % s:
                 bad(f"{flag} {size} is not divisible by --patch-size {s} (model {m.upper()}, {arch})")
             if size < s:
                 bad(f"{flag} {size} is smaller than model {m.upper()}'s ({arch}, stem {cfg['stem']}) downsampling "
                     f"factor {s}: no feature map would remain")
-    has_bn = any(family(cfg[f"arch_{m}"]) == "resnet" for m in "ab")
+    has_bn = "resnet" in (family(cfg["arch_a"]), family(cfg["arch_b"]))
     if has_bn and cfg["batch_size_per_gpu"] < 2 and not (cfg["device"] == "cuda" and world_size > 1):
         bad("--batch-size-per-gpu 1 leaves BatchNorm (ResNet) with one image per process; use at least 2")
     check_writable_dir(cfg["output_dir"], "--output-dir")
@@ -1274,9 +1310,7 @@ def main(argv=None):
                 dist.destroy_process_group()
     except MOKDError as e:
         error = str(e)
-    # Exit outside the except block: the traceback and the DataLoader it holds are released (and collected)
-    # first, so that worker processes shut down normally.
-    gc.collect()
+    gc.collect()  # outside the except block: the traceback's DataLoader is gone and its workers shut down normally
     print(f"error{f' [rank {rank}]' if 'RANK' in os.environ else ''}: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
 

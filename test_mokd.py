@@ -414,8 +414,8 @@ def test_cifar10_pair_script_rejects_a_bad_deadline(tmp_path, value):
 
 
 def test_cifar10_pair_script_deadline_stops_both_runs_then_evaluates(tmp_path):
-    """TRAIN_DEADLINE_S: both runs get SIGTERM mid-training, save, and the evaluation runs only after both have
-    exited. The interpreter is wrapped to log events, and the independent run takes 5 s longer to exit."""
+    """TRAIN_DEADLINE_S: once both runs have logged a step, both get SIGTERM mid-training, save, and the evaluation
+    runs only after both have exited. The interpreter is wrapped to log events; the independent run exits 5 s later."""
     events, wrapper = tmp_path / "events.txt", tmp_path / "python.sh"
     wrapper.write_text(f"""#!/usr/bin/env bash
 case "$*" in
@@ -429,8 +429,8 @@ case "$*" in
 esac
 """)
     wrapper.chmod(0o755)
-    r, out = run_pair_script(tmp_path, 1000, TRAIN_DEADLINE_S="12", PYTHON=str(wrapper))
-    assert "TRAIN_DEADLINE_S=12 reached" in r.stderr
+    r, out = run_pair_script(tmp_path, 1000, TRAIN_DEADLINE_S="2", PYTHON=str(wrapper))  # counted from both first steps
+    assert "TRAIN_DEADLINE_S=2 reached" in r.stderr
     assert events.read_text().split("\n") == ["exit 0", "exit 0", "eval", "eval", "eval", "eval", ""]
     assert len(open(out / "eval.jsonl").readlines()) == 4
     for run in ("mokd", "independent"):
@@ -521,9 +521,9 @@ def test_knn_on_hand_made_features():
     truth = torch.tensor([0, 1, 0])
     # k=3, T=0.07. Point 1: neighbours (1,0) s=1 [class 0], two (0,1) s=0 [class 1]: exp(1/0.07) > 2 -> class 0
     # (a plain majority vote would say class 1). Point 2: two s=1 of class 1 -> 1. Point 3: (-1,0) s=1 -> class 2,
-    # wrong. Top-1 = 2/3; top-5 covers all three classes = 100%.
+    # wrong. Top-1 = 2/3.
     res = eval_linear.knn_classify(train, labels, test, truth, ks=(3,), T=0.07, num_classes=3)
-    assert res[3][0] == pytest.approx(200 / 3) and res[3][1] == 100.0
+    assert res[3][0] == pytest.approx(200 / 3) and res[3][1] is None  # 3 classes: top-5 says nothing
 
 
 @pytest.mark.parametrize("n_test", [1, 7, 101])
@@ -1163,7 +1163,8 @@ def test_start_summary_end_message_and_a_finished_relaunch(tmp_path):
     r = run_cli(base)
     assert r.returncode == 0, r.stderr[-2000:]
     for part in ("recipe demo: vit_tiny (A) + resnet18 (B)", "synthetic shapes (no --data-path), 32 images",
-                 "8 steps per epoch x 1 epochs", "global batch 4", "peak lr A", "fp32 on 1 x cpu", f"output: {tmp_path}",
+                 "8 steps per epoch x 1 epochs", "global batch 4", "peak lr A", "fp32 on 1 x cpu",
+                 f"output: {tmp_path}",
                  f"finished: 1 epochs, 8 steps; checkpoint: {tmp_path / 'checkpoint.pth'}",
                  "python eval_linear.py --checkpoint"):
         assert part in r.stdout, part
@@ -1211,3 +1212,293 @@ def test_eval_output_names_an_unwritable_dir_at_once_and_never_overwrites(traine
     assert "--nb-knn 100 exceeds the 15 training images" in captured.err
     assert last_json(captured.out)["knn"]["100"]["k_used"] == 15
     assert sorted(os.listdir(out)) == ["eval_knn_model_a_student.json", "eval_knn_model_a_teacher.json"]
+
+
+# ============================================================================= numbers in edge cases
+def test_knn_top5_counts_only_classes_that_received_votes():
+    """k = 1: each test image votes for one class; top-5 must not add classes without a vote (DINO's min(5, k))."""
+    f = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(10)
+    res = eval_linear.knn_classify(f, y, f, (y + 1) % 10, ks=(1, 2, 20), num_classes=10)
+    assert res[1] == (0.0, 0.0)
+    assert res[2][1] <= 100.0 and res[20][1] >= res[2][1]
+    few = eval_linear.knn_classify(f, y % 3, f, y % 3, ks=(1,), num_classes=3)  # 3 classes: top-5 says nothing
+    assert few[1] == (100.0, None)
+    assert eval_linear.accuracy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))[1] is None
+
+
+def test_lr_never_rises_after_warmup_at_small_batches_and_the_summary_names_the_real_peak(tmp_path):
+    cfg = parse("--recipe", "cifar10", "--batch-size-per-gpu", "8", "--epochs", "4", "--warmup-epochs", "1")
+    S = mokd.build_schedules(cfg, 3, 1)
+    for m in "ab":
+        for sched in ("main", "thead"):
+            lr = S[m][sched][0]
+            assert np.all(np.diff(lr[3:]) <= 1e-15), (m, sched)  # warm-up is the first 3 steps (1 epoch)
+    warnings = mokd.lr_floor_warnings(cfg, 1)
+    assert len(warnings) == 3  # A (ResNet), B (ViT) and the CNN's T-head
+    assert "--min-lr-a 0.0048 is above the scaled peak lr 0.003125 (--lr-a 0.1 x global batch 8 / 256)" in warnings[0]
+    assert mokd.lr_floor_warnings(parse("--recipe", "cifar10"), 1) == []  # batch 256: nothing to say
+    r = run_cli([*TINY, "--arch-a", "resnet18", "--arch-b", "vit_tiny", "--batch-size-per-gpu", "2", "--max-steps", "1",
+                 "--output-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "peak lr A 0.00234 (sgd)" in r.stdout
+    assert "--min-lr-a 0.0048 is above the scaled peak lr 0.002344" in r.stdout
+
+
+def test_a_recipes_warmups_follow_the_chosen_epochs_unless_set(capsys):
+    short = parse("--recipe", "cifar10", "--epochs", "3")
+    assert (short["warmup_epochs"], short["warmup_teacher_temp_epochs_a"], short["warmup_teacher_temp_epochs_b"],
+            short["cross_warmup_teacher_temp_epochs"]) == (1, 2, 1, 1)  # 10 %, 50 %, 30 %, 30 % of 3, at least 1
+    assert parse("--recipe", "cifar10", "--epochs", "20")["warmup_teacher_temp_epochs_a"] == 10
+    assert parse("--recipe", "cifar10", "--epochs", "3", "--warmup-epochs", "2")["warmup_epochs"] == 2
+    assert parse("--recipe", "cifar10")["warmup_epochs"] == 10 and parse("--epochs", "8")["warmup_epochs"] == 2
+    S = mokd.build_schedules(short, 5, 1)
+    assert S["a"]["tau"][-1] == short["teacher_temp"] and S["tau_cross"][-1] == short["teacher_temp"]
+    assert S["a"]["main"][0][-1] < S["a"]["main"][0].max()  # the lr decays within the run
+    assert re.search(r"--warmup-epochs WARMUP_EPOCHS [^(]*\(default: 1\)", help_text(capsys, "--recipe", "cifar10",
+                                                                                       "--epochs", "3"))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_images_are_scaled_by_their_mode_not_their_content(mode):
+    def ramp(top):
+        img = Image.fromarray(np.linspace(0, top, 32 * 32).reshape(32, 32).astype(np.uint16))
+        return np.asarray(mokd.to_rgb(img if mode == "I;16" else img.convert("I")))
+    dark, darker = ramp(300), ramp(200)
+    assert dark.max() == round(300 * 255 / 65535) and darker.max() == round(200 * 255 / 65535)  # 1 and 1
+    assert np.asarray(mokd.to_rgb(Image.fromarray(np.full((2, 2), 65535, np.uint16)))).min() == 255
+
+
+def test_a_float64_step_runs_and_its_gradients_pass_a_finite_difference_check():
+    torch.manual_seed(0)
+    head = mokd.DINOHead(16, 32, True, 64, 8).double()
+    assert head(torch.randn(4, 16, dtype=torch.float64)).dtype == torch.float64
+    cfg = make_cfg("vit_tiny", "resnet18", drop_path=0.0)
+    run, S = make_run(cfg)
+    for m in "ab":
+        run.students[m].double()
+        run.teachers[m].double()
+    run.centres.double()
+    crops = [c.double() for c in make_crops()]
+    glob, loc = torch.cat(crops[:2]), torch.cat(crops[2:])
+    with torch.no_grad():  # the targets: teachers and the search, fixed (the query path is cut by design)
+        t = {m: run.teachers[m](glob) for m in "ab"}
+        srch = mokd.search(run.teachers["b"], t["b"]["g1"], run.students["a"](glob, loc)["query"], 2)
+
+    def loss_a():  # L_A = L_sm + L_st + lambda (L_cm + L_ct) as a function of student A's parameters
+        return mokd.model_losses("a", "b", run.students["a"](glob, loc), t["a"], t["b"], srch, run.centres, 0.04,
+                                 0.05, 0.1)[0]
+    loss = loss_a()
+    assert loss.dtype == torch.float64
+    params = [p for p in run.students["a"].parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    g = torch.Generator().manual_seed(1)
+    directions = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    norm = torch.sqrt(sum((d * d).sum() for d in directions))
+    directions = [d / norm for d in directions]  # one unit step in parameter space
+    eps = 1e-5
+    with torch.no_grad():
+        for p, d in zip(params, directions):
+            p.add_(eps * d)
+        up = loss_a()
+        for p, d in zip(params, directions):
+            p.sub_(2 * eps * d)
+        down = loss_a()
+        for p, d in zip(params, directions):
+            p.add_(eps * d)
+    analytic = sum((gr * d).sum() for gr, d in zip(grads, directions))
+    assert ((up - down) / (2 * eps)).item() == pytest.approx(analytic.item(), rel=1e-5)
+    values = run.step(crops, 1, 0, S)  # a whole optimiser step, centres and EMA included
+    assert values.dtype == torch.float64 and torch.isfinite(values).all()
+    assert run.centres.sm_a.dtype == torch.float64
+
+
+def test_console_log_and_errors_count_steps_alike(tmp_path):
+    r = run_cli([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--max-steps", "3", "--log-every", "1",
+                 "--output-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    printed = [int(s) for s in re.findall(r"^step (\d+)/2 ", r.stdout, re.M)]
+    assert printed == log_steps(tmp_path) == [0, 1, 2]
+
+
+def test_a_validation_folder_with_fewer_classes_is_mapped_by_name(trained, tmp_path, capsys):
+    val = tmp_path / "val"
+    make_folder(val, 2, seed=1)
+    import shutil
+    shutil.rmtree(val / "class0")  # the validation set lacks a class: its labels map by name
+    common = ["--checkpoint", trained["ckpt"], "--train-path", trained["train"], "--num-workers", "0", "--device",
+              "cpu",
+              "--knn", "--nb-knn", "1"]
+    res = eval_linear.main(common + ["--val-path", str(val)])
+    assert res["num_classes"] == 3 and res["val_size"] == 4
+    f = torch.eye(3)
+    sub = eval_linear.knn_classify(f, torch.arange(3), f[1:], torch.arange(1, 3), ks=(1,), num_classes=3)
+    assert sub[1][0] == 100.0
+    (val / "zebra").mkdir()
+    Image.new("RGB", (16, 16)).save(val / "zebra" / "z.png")
+    with pytest.raises(SystemExit):
+        eval_linear.main(common + ["--val-path", str(val)])
+    err = capsys.readouterr().err
+    assert "--val-path has class folders that --train-path lacks: ['zebra']" in err and "class1" not in err
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (30, 10), (200, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees to view
+    img.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    assert mokd.read_rgb(tmp_path / "phone.jpg").size == (10, 30)
+
+
+def test_a_dataset_root_is_not_taken_for_a_class_folder(tmp_path, capsys):
+    make_folder(tmp_path / "data" / "train", 2)
+    make_folder(tmp_path / "data" / "test", 1)
+    err = cli_error(capsys, *TINY, "--data-path", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o"))
+    assert "named like dataset splits (test, train)" in err and os.path.join(str(tmp_path / "data"), "test") in err
+
+
+def test_export_writes_what_which_asks_for(trained, tmp_path):
+    ckpt = torch.load(trained["ckpt"], weights_only=True)
+    for which in ("teacher", "student"):
+        out = tmp_path / f"{which}.pth"
+        eval_linear.main(["--checkpoint", trained["ckpt"], "--model", "b", "--which", which, "--export", str(out)])
+        exported = torch.load(out, weights_only=True)
+        assert exported["meta"]["which"] == which
+        assert torch.equal(exported["state_dict"]["pos_embed"], ckpt["models"]["b"][which]["backbone.pos_embed"])
+    s, t = (torch.load(tmp_path / f"{w}.pth", weights_only=True)["state_dict"] for w in ("student", "teacher"))
+    assert any(not torch.equal(s[k], t[k]) for k in s)
+
+
+def test_a_resume_names_changed_settings_and_refuses_those_it_cannot_honour(tmp_path, capsys):
+    base = [*TINY, "--arch-a", "vit_tiny", "--arch-b", "resnet18", "--output-dir", str(tmp_path)]
+    mokd.main(base + ["--max-steps", "1"])
+    capsys.readouterr()
+    mokd.main(base + ["--max-steps", "2", "--lr-a", "0.002"])
+    out = capsys.readouterr().out
+    assert "settings that differ from its own" in out and "lr_a 0.001 -> 0.002" in out and "max_steps" not in out
+    err = cli_error(capsys, *base, "--optimizer-b", "adamw")
+    assert "optimizer_b: checkpoint 'sgd' vs requested 'adamw'" in err
+
+
+def test_a_full_disk_during_a_save_ends_with_one_message(tmp_path, capsys, monkeypatch):
+    base = [*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--output-dir", str(tmp_path)]
+    mokd.main(base + ["--max-steps", "2"])
+
+    def full(obj, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mokd, "atomic_save", full)
+    err = cli_error(capsys, *base, "--max-steps", "4")
+    assert f"cannot write a checkpoint into {str(tmp_path)!r} at step 4: No space left on device" in err
+    assert f"Still good: {tmp_path / 'checkpoint.pth'}" in err and "Traceback" not in err
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["global_step"] == 2
+
+
+def test_cifar10_pair_script_reports_a_run_stopped_before_its_first_step(tmp_path):
+    wrapper = tmp_path / "python.sh"
+    wrapper.write_text(f"""#!/usr/bin/env bash
+case "$*" in
+  *independent*) exit 0;;  # ends at once, as a run killed during start-up would
+  *) exec {sys.executable} "$@";;
+esac
+""")
+    wrapper.chmod(0o755)
+    data = tmp_path / "data"
+    make_folder(data / "train", 4, size=32)
+    script = os.path.join(HERE, "experiments", "cifar10_pair.sh")
+    small = ["--batch-size-per-gpu", "4", "--out-dim", "64", "--head-hidden-dim", "64", "--bottleneck-dim", "32",
+             "--local-crops-number", "2", "--thead-depth", "1", "--num-workers", "0", "--device", "cpu"]
+    r = subprocess.run(["bash", script, str(data), str(tmp_path / "out"), "1", *small], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": str(wrapper)})
+    assert r.returncode == 1 and "the independent run was stopped before its first step" in r.stderr
+
+
+# ============================================================================= named datasets, views, long evaluations
+def fake_cifar10(root, n_train=20, n_test=10):
+    """CIFAR-10's files as torchvision reads them (pickled batches of uint8 rows), with random pixels and labels."""
+    import pickle
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_train // 5
+        batch = {"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """A download attempt fails as it would without network (torchvision's download() first checks the files)."""
+    import urllib.error
+
+    def download(self):
+        if not self._check_integrity():
+            raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", download)
+
+
+@pytest.fixture
+def no_download(monkeypatch, offline):
+    """As offline, and torchvision's md5 checks accept the fake files."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+
+
+def test_a_named_dataset_trains_resumes_and_evaluates(tmp_path, capsys, no_download):
+    fake_cifar10(tmp_path / "d")
+    base = [*TINY, "--arch-a", "vit_tiny", "--arch-b", "resnet18", "--data-path", "cifar10", "--data-root",
+            str(tmp_path / "d"), "--global-crop-size", "32", "--local-crop-size", "16", "--output-dir",
+            str(tmp_path / "o")]
+    mokd.main(base + ["--max-steps", "3"])
+    mokd.main(base)  # resumes to the end: 5 steps of 4 images
+    out = capsys.readouterr().out
+    assert "data: cifar10 (from" in out and "20 images" in out and "resumed from" in out
+    full = tmp_path / "full"
+    mokd.main([*base[:-1], str(full)])
+    a, _ = checkpoint_tensors(tmp_path / "o" / "checkpoint.pth")
+    b, _ = checkpoint_tensors(full / "checkpoint.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # exact resume on a named dataset
+    res = eval_linear.main(["--checkpoint", str(full / "checkpoint.pth"), "--train-path", "cifar10", "--val-path",
+                            "cifar10", "--data-root", str(tmp_path / "d"), "--knn", "--nb-knn", "3", "--num-workers",
+                            "0", "--device", "cpu"])
+    assert res["train_size"] == 20 and res["val_size"] == 10 and res["num_classes"] == 10
+    assert "features of the training images: 20/20 images" in capsys.readouterr().out
+
+
+def test_a_named_dataset_without_its_files_or_network_says_where_they_go(tmp_path, capsys, offline):
+    err = cli_error(capsys, *TINY, "--data-path", "cifar10", "--data-root", str(tmp_path / "d"), "--output-dir",
+                    str(tmp_path / "o"))
+    assert "--data-path cifar10: URLError" in err and repr(str(tmp_path / "d" / "cifar-10-batches-py")) in err
+    assert "download=True" in err and "--data-root" in err and "Traceback" not in err
+
+
+def test_views_png_shows_every_crop_in_one_grid(tmp_path):
+    mokd.main([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--max-steps", "1", "--output-dir",
+               str(tmp_path)])
+    img = Image.open(tmp_path / "views.png")
+    cell = 16 + 2  # a 16 px global crop and torchvision's 2 px padding; local crops are centred in such a cell
+    assert img.size == (4 * cell + 2, 4 * cell + 2)  # 4 images x (2 global + 2 local crops)
+
+
+def test_a_long_evaluation_shows_progress_and_stops_on_a_signal_without_a_traceback(trained):
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "eval_linear.py"), "--checkpoint", trained["ckpt"],
+                             "--knn", "--num-workers", "2", "--device", "cpu", "--batch-size-per-gpu", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # wait for the first progress line: the extraction is under way
+        if line.startswith("features of"):
+            break
+    proc.send_signal(subprocess.signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "evaluation interrupted" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_eval_help_gives_every_flag_a_text_and_its_real_default():
+    parser = eval_linear.build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    assert all(a.help for a in parser._actions)
+    assert f"(default: {min(8, os.cpu_count() or 1)})" in text

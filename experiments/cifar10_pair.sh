@@ -3,12 +3,13 @@
 # (seed, data order, initial weights, augmentations), side by side on one device; then k-NN (k = 20, 200)
 # and a cached-feature linear probe of all four teachers on the test set.
 #
-#   bash experiments/cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [extra mokd.py flags...]
-#   DATA_DIR holds train/ and test/ in ImageFolder layout (e.g. a copy of CIFAR-10 as JPEGs).
+#   bash experiments/cifar10_pair.sh DATA OUT_DIR [EPOCHS] [extra mokd.py flags...]
+#   DATA: cifar10 (torchvision's CIFAR-10 in DATA_ROOT, default data/, downloaded there once if missing), or a folder
+#   holding train/ and test/ in ImageFolder layout (e.g. CIFAR-10 as JPEGs).
 #   PYTHON=/path/to/python picks the interpreter (default: python).
-#   TRAIN_DEADLINE_S=N stops both runs after N seconds of training (SIGTERM: each finishes its step, saves and
-#   exits), then evaluates what they reached: a guard for a fixed time budget. The runs may then differ in steps;
-#   the table reports each run's step count. N must exceed the runs' start-up (seconds), or they die unsaved.
+#   TRAIN_DEADLINE_S=N stops both runs N seconds after both have logged their first step (SIGTERM: each finishes
+#   its step, saves and exits), then evaluates what they reached: a guard for a fixed time budget. The runs may then
+#   differ in steps; the table reports each run's step count.
 set -euo pipefail
 data=${1:?usage: bash experiments/cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
 out=${2:?usage: bash experiments/cifar10_pair.sh DATA_DIR OUT_DIR [EPOCHS] [flags...]}
@@ -22,12 +23,26 @@ if [ -n "${TRAIN_DEADLINE_S:-}" ] && ! [[ "$TRAIN_DEADLINE_S" =~ ^[0-9]+$ && "$T
 fi
 mkdir -p "$out"
 
-# The CIFAR-10 recipe (README, "CIFAR-10 recipe"). Warm-ups keep the authors' proportions of the run:
-# lr 10%, ResNet self terms 50%, ViT self terms and cross terms 30% (10, 50 and 30 of their 100 epochs).
-pct() { local v=$(( epochs * $1 / 100 )); echo $(( v > 0 ? v : 1 )); }
-recipe=(--recipe cifar10 --data-path "$data/train" --epochs "$epochs"
-        --warmup-epochs "$(pct 10)" --warmup-teacher-temp-epochs-a "$(pct 50)"
-        --warmup-teacher-temp-epochs-b "$(pct 30)" --cross-warmup-teacher-temp-epochs "$(pct 30)" --log-every 20 "$@")
+if [ "$data" = cifar10 ]; then  # fetched (or checked) once here: the two runs must not download at the same time
+    root=${DATA_ROOT:-data}
+    PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$py" - "$root" <<'PY' || exit 2
+import sys
+import mokd
+try:
+    for split in ("ssl", "test"):
+        mokd.named_dataset("cifar10", sys.argv[1], split, "DATA")
+except mokd.MOKDError as e:
+    sys.exit(f"error: {e}")
+PY
+    train=(--data-path cifar10 --data-root "$root")
+    evaluate=(--train-path cifar10 --val-path cifar10 --data-root "$root")
+else
+    train=(--data-path "$data/train")
+    evaluate=(--train-path "$data/train" --val-path "$data/test")
+fi
+
+# The CIFAR-10 recipe (README, "CIFAR-10 recipe"); its warm-ups keep the authors' share of EPOCHS.
+recipe=(--recipe cifar10 "${train[@]}" --epochs "$epochs" --log-every 20 "$@")
 
 start=$(date +%s)
 "$py" "$here/mokd.py" "${recipe[@]}" --output-dir "$out/mokd" > "$out/mokd.log" 2>&1 &
@@ -37,7 +52,11 @@ p2=$!
 watchdog=
 if [ -n "${TRAIN_DEADLINE_S:-}" ]; then
     # Killed early, the watchdog takes its sleep with it; the sleep never holds the caller's output pipes open.
+    # The clock starts once both runs have logged their first step: start-up time (imports, data) never counts.
     ( trap 'kill $s 2>/dev/null; exit 0' TERM
+      until [ -s "$out/mokd/log.jsonl" ] && [ -s "$out/independent/log.jsonl" ]; do
+          sleep 1 </dev/null >/dev/null 2>&1 & s=$!; wait $s
+      done
       sleep "$TRAIN_DEADLINE_S" </dev/null >/dev/null 2>&1 & s=$!; wait $s
       echo "TRAIN_DEADLINE_S=$TRAIN_DEADLINE_S reached: stopping both runs" >&2
       kill -TERM "$p1" "$p2" 2>/dev/null ) &
@@ -53,6 +72,12 @@ if [ "$status" -ne 0 ]; then
     tail -n 5 "$out/mokd.log" "$out/independent.log" >&2
     exit "$status"
 fi
+for run in mokd independent; do
+    if [ ! -f "$out/$run/checkpoint.pth" ]; then
+        echo "the $run run was stopped before its first step (no checkpoint); see $out/$run.log" >&2
+        exit 1
+    fi
+done
 echo "training took $(( $(date +%s) - start )) s" | tee "$out/times.txt"
 
 # The four teachers one after another: four at once stalled for over 8 minutes on a 16-core H200 machine (their
@@ -62,7 +87,7 @@ rm -f "$out/eval.jsonl"
 for run in mokd independent; do
     for m in a b; do
         "$py" "$here/eval_linear.py" --checkpoint "$out/$run/checkpoint.pth" --model "$m" --knn --nb-knn 20 200 \
-            --temperature 0.07 --cached-features --epochs 100 --train-path "$data/train" --val-path "$data/test" \
+            --temperature 0.07 --cached-features --epochs 100 "${evaluate[@]}" \
             --batch-size-per-gpu 512 > "$out/eval_${run}_$m.log" 2>&1 \
             || { echo "evaluation of $run model $m failed; see $out/eval_${run}_$m.log" >&2; tail -n 5 "$out/eval_${run}_$m.log" >&2; exit 1; }
         tail -n 1 "$out/eval_${run}_$m.log" | sed "s/^/{\"run\": \"$run\", \"eval\": /; s/\$/}/" >> "$out/eval.jsonl"
