@@ -192,14 +192,17 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 def resize_pos_embed(pos, grid, new_grid):
-    """(1, h*w, D) position embedding for `grid` -> (1, h'*w', D) for `new_grid`, bicubic."""
+    """(1, h*w, D) position embedding for `grid` (h, w) -> (1, h'*w', D) for `new_grid`, bicubic with DINO's and the
+    authors' arithmetic: scale factors (h' + 0.1) / h and (w' + 0.1) / w, each on its own axis (the factors, not a
+    target size, set the sampling positions); an unchanged grid is returned as it is."""
     if tuple(grid) == tuple(new_grid):
         return pos
-    # DEVIATION: interpolate to an exact size (DINO passes a scale factor with a +0.1 offset).
     D = pos.shape[-1]
-    pos = pos.reshape(1, *grid, D).permute(0, 3, 1, 2)  # (1, D, h, w)
-    pos = F.interpolate(f32(pos), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
-    return pos.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)  # (1, h'*w', D)
+    x = f32(pos).reshape(1, *grid, D).permute(0, 3, 1, 2)  # (1, D, h, w)
+    factors = [(new + 0.1) / old for new, old in zip(new_grid, grid)]  # [rows, columns]
+    x = F.interpolate(x, scale_factor=factors, mode="bicubic", align_corners=False)  # (1, D, h', w')
+    assert tuple(x.shape[-2:]) == tuple(new_grid), (x.shape, new_grid)  # floor(h * (h' + 0.1) / h) = h'
+    return x.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)  # (1, h'*w', D)
 
 def trunc_normal_init(module):
     if isinstance(module, nn.Linear):

@@ -1,4 +1,5 @@
 """Tests for mokd.py and eval_linear.py: CPU only, tiny models, images made here. Run: python -m pytest -q"""
+import importlib.util
 import json
 import math
 import os
@@ -1502,3 +1503,243 @@ def test_eval_help_gives_every_flag_a_text_and_its_real_default():
     assert "(default: None)" not in text
     assert all(a.help for a in parser._actions)
     assert f"(default: {min(8, os.cpu_count() or 1)})" in text
+
+
+# ============================================================================= experiments/authors_parity.py
+# The script runs by hand against a checkout of the authors' code; these tests pin what needs none of it: the name map
+# covers every parameter and buffer of our models once, the comparison's arithmetic, the drop-path tape, and
+# resize_pos_embed (the authors' arithmetic).
+def load_script():
+    spec = importlib.util.spec_from_file_location("authors_parity", os.path.join(HERE, "experiments",
+                                                                                 "authors_parity.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ap = load_script()
+PAIRS = ["vit_tiny", "vit_small"]
+
+
+def shapes_for(arch_vit):
+    """{model: {our state-dict name: shape}} at the sizes the fingerprints were recorded at."""
+    cfg = ap.our_config(mokd, arch_vit, 4, 2, ap.FINGERPRINT_SETUP["out_dim"], 100)
+    assert cfg["global_crop_size"] == ap.FINGERPRINT_SETUP["global_px"]
+    assert cfg["patch_size"] == ap.FINGERPRINT_SETUP["patch"]
+    return ap.our_shapes(mokd, cfg)
+
+
+@pytest.mark.parametrize("arch_vit", PAIRS)
+def test_name_map_covers_every_parameter_and_buffer_once(arch_vit):
+    for m, shapes in shapes_for(arch_vit).items():
+        pairs, problems = ap.name_map(shapes)
+        assert problems == []
+        assert set(pairs) == set(shapes)  # every parameter and buffer of ours has an image
+        theirs = [their for their, _ in pairs.values()]
+        assert len(theirs) == len(set(theirs))  # no name of theirs is the image of two of ours
+
+
+@pytest.mark.parametrize("arch_vit", PAIRS)
+def test_name_map_lands_on_the_recorded_authors_names_and_shapes(arch_vit):
+    """The images of our names, with shapes in the authors' layout, are exactly their state dict's entries (the
+    fingerprints were measured on their code at AUTHORS_COMMIT by the script's run)."""
+    for m, shapes in shapes_for(arch_vit).items():
+        assert ap.fingerprint(ap.mapped_shapes(shapes)) == ap.AUTHORS_FINGERPRINTS[arch_vit][m]
+
+
+def test_every_name_rule_is_used():
+    used = {ap.rule_for(name) for arch_vit in PAIRS for shapes in shapes_for(arch_vit).values() for name in shapes}
+    assert used == set(ap.NAME_RULES)
+
+
+def test_first_matching_rule_wins_and_unknown_names_are_reported():
+    assert ap.authors_name("backbone.net.layer1.0.bn1.running_mean") == ("backbone.layer1.0.bn1.running_mean", "same")
+    assert ap.authors_name("backbone.blocks.0.attn.qkv.weight") == ("backbone.blocks.0.attn.qkv.weight", "same")
+    assert ap.authors_name("thead.proj.weight") == ("transhead.patch_embed.weight", "conv1x1")
+    assert ap.authors_name("thead.unknown") is None
+    pairs, problems = ap.name_map({"thead.unknown": (1,), "head.mlp.0.weight": (2, 3)})
+    assert list(pairs) == ["head.mlp.0.weight"] and len(problems) == 1 and "thead.unknown" in problems[0]
+
+
+def test_check_against_authors_names_what_does_not_match():
+    ours = {"head.mlp.0.weight": (4, 3), "thead.proj.weight": (5, 4)}
+    pairs, _ = ap.name_map(ours)
+    live = {"head.mlp.0.weight": (4, 3), "transhead.patch_embed.weight": (5, 4, 1, 1)}
+    assert ap.check_against_authors(pairs, ours, live, "a student") == []
+    live_extra = {**live, "head.extra": (1,)}
+    assert any("head.extra" in p for p in ap.check_against_authors(pairs, ours, live_extra, "a student"))
+    live_shape = {**live, "head.mlp.0.weight": (4, 4)}
+    assert any("head.mlp.0.weight" in p for p in ap.check_against_authors(pairs, ours, live_shape, "a student"))
+
+
+def test_conv1x1_layout():
+    w = torch.randn(5, 4, 1, 1)
+    assert torch.equal(ap.to_ours(w, "conv1x1"), w[:, :, 0, 0])
+    assert ap.their_shape((5, 4), "conv1x1") == (5, 4, 1, 1)
+    with pytest.raises(ap.ParityError):
+        ap.to_ours(torch.randn(5, 4, 3, 3), "conv1x1")
+
+
+def test_git_blob_id():
+    assert ap.git_blob_id(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object`
+
+
+def test_tensor_diff():
+    t = torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)
+    assert ap.tensor_diff(t, t.clone()) == (0.0, 0.0)
+    assert ap.tensor_diff(t + torch.tensor([0.0, 0.0, 1e-3], dtype=torch.float64), t) == pytest.approx((1e-3, 2.5e-4))
+    assert ap.tensor_diff(None, None) == (0.0, 0.0)
+    assert ap.tensor_diff(t, None) == (math.inf, math.inf)
+    assert ap.tensor_diff(t[:2], t) == (math.inf, math.inf)
+    assert ap.tensor_diff(torch.full((3,), float("nan"), dtype=torch.float64), t) == (math.inf, math.inf)
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert ap.tensor_diff(zero, zero) == (0.0, 0.0)
+    assert ap.tensor_diff(zero + 1e-30, zero) == (1e-30, math.inf)
+
+
+def test_compare_and_record():
+    ref = ap.Record()
+    ref.put(0, "x", [torch.ones(2), torch.zeros(3)])
+    ref.put(0, "d", {"a": torch.ones(2), "b": torch.ones(1)})
+    run = ap.Record(ref)
+    run.put(0, "x", [torch.ones(2), torch.zeros(3)])
+    run.put(0, "d", {"a": torch.ones(2) * 1.5})  # b missing on our side
+    assert run.result(0, "x") == (0.0, 0.0)
+    assert run.result(0, "d") == {"a": (0.5, 0.5), "b": (math.inf, math.inf)}
+    assert run.result(0, "never put") == (math.inf, math.inf)
+    rows = ap.table_rows(0, ref, {"ours64": run, "ours32": run, "theirs32": run})
+    assert [label for label, _ in rows] == ["d (2)", "x"]
+    assert rows[0][1]["ours64"] == (math.inf, math.inf) and ap.verdict(rows[0][1]) == "DIFFERS"
+
+
+def test_rows_split_by_part():
+    ref = ap.Record()
+    grads = {"backbone.w": torch.ones(1), "head.mlp.0.weight": torch.ones(1), "thead.norm.weight": torch.ones(1)}
+    ref.put(0, "A gradients before clipping", grads)
+    run = ap.Record(ref)
+    run.put(0, "A gradients before clipping", {**grads, "thead.norm.weight": torch.ones(1) * 2})
+    rows = dict(ap.table_rows(0, ref, {"ours64": run, "ours32": run, "theirs32": run}))
+    assert rows["A gradients before clipping: backbone (1)"]["ours64"] == (0.0, 0.0)
+    assert rows["A gradients before clipping: T-head (1)"]["ours64"] == (1.0, 1.0)
+
+
+def test_frozen_tensor_rows_count_the_frozen_ones():
+    ref = ap.Record()
+    ref.put(0, "A tensors without gradient", {"a": 1.0, "b": 0.0, "c": 1.0})
+    run = ap.Record(ref)
+    run.put(0, "A tensors without gradient", {"a": 1.0, "b": 1.0, "c": 1.0})  # b frozen on our side only
+    rows = ap.table_rows(0, ref, {"ours64": run, "ours32": run, "theirs32": run})
+    assert rows[0][0] == "A tensors without gradient (2 of 3)" and ap.verdict(rows[0][1]) == "DIFFERS"
+
+
+def test_tolerance_follows_the_authors_float32_error_within_bounds():
+    quiet = {"ours64": (0.0, 5e-10), "ours32": (0.0, 0.0), "theirs32": (0.0, 1e-7)}
+    assert ap.tolerance(quiet) == ap.TOL_F64 and ap.verdict(quiet) == "equal"
+    loud = {"ours64": (0.0, 5e-9), "ours32": (0.0, 1.0), "theirs32": (0.0, 1.0)}  # AdamW-like amplification
+    assert ap.tolerance(loud) == pytest.approx(ap.NOISE_FACTOR * 2.0 ** -29) and ap.verdict(loud) == "equal"
+    assert ap.tolerance({**loud, "theirs32": (0.0, 1e9)}) == ap.TOL_CAP
+    assert ap.tolerance({**loud, "theirs32": (math.inf, math.inf)}) == ap.TOL_F64
+    assert ap.verdict({**loud, "ours64": (1.0, 1e-3)}) == "DIFFERS"
+
+
+def test_command_line():
+    args = ap.build_parser().parse_args(["--authors-dir", "x"])
+    assert (args.arch_vit, args.steps, args.epoch, args.batch, args.local_crops, args.out_dim) == \
+        ("vit_tiny", 1, 1, 4, 2, 256)
+    assert os.path.samefile(args.mokd, os.path.join(HERE, "mokd.py"))
+
+
+def test_drop_path_tape_records_without_disturbing_the_rng_and_replays_exactly():
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    torch.manual_seed(1)
+    plain = [mokd.drop_path(x, 0.3, True) for _ in range(3)] + [torch.rand(2)]  # the stream without the tape
+    tape = ap.DropPathTape()
+    tape.start_step(0)
+    record = tape.recorder(mokd.drop_path)
+    torch.manual_seed(1)
+    recorded = [record(x, 0.3, True) for _ in range(3)] + [torch.rand(2)]
+    for a, b in zip(plain, recorded):
+        assert torch.equal(a, b)
+    assert record(x, 0.0, True) is x and record(x, 0.3, False) is x  # no draw, no mask
+    assert len(tape.masks[0]) == 3 and torch.equal(tape.calls(0), torch.tensor([[0.3, 6.0]] * 3, dtype=torch.float64))
+    tape.start_step(0)
+    replay = tape.replayer(mokd.drop_path)
+    torch.manual_seed(123)  # replaying draws nothing: the RNG no longer matters
+    for a in recorded[:3]:
+        assert torch.equal(replay(x, 0.3, True), a)
+    assert torch.equal(replay(x, 0.3, True), x / 0.7)  # a fourth call has no mask: nothing dropped
+    assert len(tape.calls(0)) == 4
+
+
+def test_patched_restores_own_and_inherited_attributes():
+    class Base:
+        def f(self):
+            return "base"
+
+    class Child(Base):
+        g = 1
+    with ap.patched(Child, "f", lambda self: "patched"), ap.patched(Child, "g", 2):
+        assert Child().f() == "patched" and Child.g == 2
+    assert Child().f() == "base" and "f" not in vars(Child) and Child.g == 1
+    d = {"k": 1}
+    with ap.patched(d, "k", 2, item=True), ap.patched(d, "new", 3, item=True):
+        assert d == {"k": 2, "new": 3}
+    assert d == {"k": 1}
+
+
+def test_make_batches():
+    a = ap.make_batches(2, 3, 2, 32, 16, seed=5)
+    b = ap.make_batches(2, 3, 2, 32, 16, seed=5)
+    assert len(a) == 2 and [tuple(c.shape) for c in a[0]] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 2
+    assert all(torch.equal(x, y) for s, t in zip(a, b) for x, y in zip(s, t))
+    assert not torch.equal(a[0][0], a[1][0])
+
+
+@pytest.mark.parametrize("arch_vit", PAIRS)
+def test_our_config_has_every_compared_key(arch_vit):
+    cfg = ap.our_config(mokd, arch_vit, 4, 2, 256, 100)
+    assert cfg["arch_a"] == "resnet18" and cfg["arch_b"] == arch_vit and cfg["precision"] == "fp32"
+    for ours, _ in ap.CONFIG_PAIRS:
+        assert isinstance(cfg[ours], (int, float))
+    assert cfg["optimizer_a"] == "sgd" and cfg["optimizer_b"] == "adamw"
+
+
+# ---- resize_pos_embed: the authors' (DINO's) arithmetic ----
+def dino_resize(pos, grid, new_grid):
+    """The reference: bicubic with scale factors (new + 0.1) / old, rows then columns. (1, h*w, D) -> (1, h'*w', D)."""
+    D = pos.shape[-1]
+    x = pos.reshape(1, *grid, D).permute(0, 3, 1, 2)
+    factors = ((new_grid[0] + 0.1) / grid[0], (new_grid[1] + 0.1) / grid[1])
+    x = F.interpolate(x, scale_factor=factors, mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(1, -1, D)
+
+
+@pytest.mark.parametrize("grid,new_grid", [((14, 14), (6, 6)), ((7, 7), (3, 3)), ((4, 4), (2, 2)), ((14, 14), (5, 9)),
+                                           ((6, 10), (3, 4)), ((14, 14), (20, 17))])
+def test_resize_pos_embed_is_the_authors_arithmetic(grid, new_grid):
+    pos = torch.randn(1, grid[0] * grid[1], 8, dtype=torch.float64)
+    out = mokd.resize_pos_embed(pos, grid, new_grid)
+    assert out.shape == (1, new_grid[0] * new_grid[1], 8) and out.dtype == torch.float64
+    assert torch.equal(out, dino_resize(pos, grid, new_grid))
+
+
+def test_resize_pos_embed_rows_and_columns_are_not_swapped():
+    """A pattern that varies along rows only must still vary along rows only after a non-square resize."""
+    rows = torch.arange(6, dtype=torch.float64).repeat_interleave(10)  # (6*10,): value = row index
+    out = mokd.resize_pos_embed(rows.reshape(1, 60, 1), (6, 10), (3, 7)).reshape(3, 7)
+    assert torch.allclose(out, out[:, :1].expand(3, 7))  # constant along each row
+    assert (out[1:, 0] > out[:-1, 0]).all()
+
+
+def test_resize_pos_embed_output_grid_is_always_the_requested_one():
+    pos = torch.randn(1, 16 * 16, 2)
+    for h in range(1, 33):
+        for w in (1, 7, h):
+            assert mokd.resize_pos_embed(pos, (16, 16), (h, w)).shape == (1, h * w, 2)
+
+
+def test_resize_pos_embed_unchanged_grid_and_dtypes():
+    pos = torch.randn(1, 49, 4)
+    assert mokd.resize_pos_embed(pos, (7, 7), (7, 7)) is pos
+    assert mokd.resize_pos_embed(pos.bfloat16(), (7, 7), (3, 3)).dtype == torch.bfloat16
+    assert mokd.resize_pos_embed(pos, (7, 7), (3, 3)).dtype == torch.float32
