@@ -1022,7 +1022,7 @@ def train_epoch(run, loader, log, S, step, end, stop, stop_group):
     cfg, stats = run.cfg, image_stats(run.device)
     try:
         for crops in loader:
-            # Per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
+            # DEVIATION: per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
             torch.manual_seed(hash((cfg["seed"], log.rank, step)) & 0x7FFFFFFF)
             log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, S)))
             if step % cfg["log_every"] == 0 or step == end - 1:
@@ -1170,6 +1170,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def recipe_defaults(recipe, arch_a=None, arch_b=None, epochs=None):
     """Every default of a recipe: its table entry, per model its family's values (with the recipe's overrides), the
     authors' T-head width; with other `epochs`, the warm-ups keep their share of the run (>= 1 epoch if not 0)."""
+    # DEVIATION: the authors' loop overrides some flags; here per-model values are flags with family defaults.
     r = RECIPES[recipe]
     d = {k: v for k, v in r.items() if k != "family"}
     d["arch_a"], d["arch_b"] = arch_a or r["arch_a"], arch_b or r["arch_b"]
