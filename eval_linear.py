@@ -445,12 +445,15 @@ def print_table(r):
 
 
 def interrupt(signum, frame):
-    raise KeyboardInterrupt
+    """Ctrl-C or SIGTERM: one line and exit at once, before the DataLoader's threads and workers can print anything
+    (nothing is written before the end of an evaluation, so nothing is lost)."""
+    print("evaluation interrupted: nothing was written", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, interrupt)  # SIGTERM ends an evaluation as Ctrl-C does
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return evaluate(args)
     except MOKDError as e:
@@ -458,7 +461,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         message, status = "evaluation interrupted: nothing was written", 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if mokd.is_dist():
             dist.destroy_process_group()
     print(message, file=sys.stderr, flush=True)
