@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -152,28 +153,6 @@ def eval_transform(crop_size):
                                antialias=True), T.CenterCrop(crop_size)] + norm)
 
 
-class Synthetic(torch.utils.data.Dataset):
-    """n of mokd.py's synthetic shapes (6 classes), drawn with a seed the training images never use."""
-    classes = mokd.SYNTHETIC_CLASSES
-
-    def __init__(self, n, seed, size, transform):
-        self.n, self.seed, self.size, self.transform = n, seed, size, transform
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        img, label = mokd.draw_synthetic(i, self.seed, self.size)
-        return self.transform(img), label
-
-
-def labelled(path, flag, split, transform, root):
-    """A dataset name (its train or test split) or an image folder, yielding (image tensor, label)."""
-    if path in mokd.DATASETS:
-        return mokd.named_dataset(path, root, split, flag, transform)
-    return mokd.image_folder(path, flag, transform)
-
-
 # ----------------------------------------------------------------------------- distributed feature extraction
 @torch.no_grad()
 def extract(feat, dataset, what, args, device, rank, world):
@@ -230,9 +209,9 @@ def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, num_classes
             votes = torch.zeros(len(y), C, device=w.device).scatter_add_(1, labels[:, :k], w[:, :k])  # (n, C)
             h1, h5 = top_hits(votes, y, votes=True)
             hits[k][0] += h1
-            hits[k][1] += h5 or 0
+            hits[k][1] = None if h5 is None else hits[k][1] + h5  # None: 5 classes or fewer
     n = len(test_f)
-    return {k: (100.0 * h1 / n, 100.0 * h5 / n if C > 5 else None) for k, (h1, h5) in hits.items()}
+    return {k: (100.0 * h1 / n, None if h5 is None else 100.0 * h5 / n) for k, (h1, h5) in hits.items()}
 
 
 # ----------------------------------------------------------------------------- the linear probe
@@ -370,10 +349,11 @@ def evaluate(args):
         if cfg.get("data_path"):
             raise MOKDError(f"{source} was trained on {cfg['data_path']!r}: give --train-path and --val-path")
         seed, side = cfg.get("seed", 0), max(32, size)
-        train_eval, val = Synthetic(600, seed + 1, side, tf_eval), Synthetic(300, seed + 2, side, tf_eval)
+        train_eval = mokd.SyntheticShapes(600, seed + 1, side, tf_eval)
+        val = mokd.SyntheticShapes(300, seed + 2, side, tf_eval)
     else:
-        train_eval = labelled(args.train_path, "--train-path", "train", tf_eval, args.data_root)
-        val = labelled(args.val_path, "--val-path", "test", tf_eval, args.data_root)
+        train_eval = mokd.open_images(args.train_path, "--train-path", "train", args.data_root, tf_eval)
+        val = mokd.open_images(args.val_path, "--val-path", "test", args.data_root, tf_eval)
     unknown = sorted(set(val.classes) - set(train_eval.classes))
     if unknown:
         raise MOKDError(f"--val-path has class folders that --train-path lacks: {unknown[:10]}"
@@ -412,7 +392,7 @@ def evaluate(args):
     if not (args.knn or args.cached_features):
         aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
-        train_aug = labelled(args.train_path, "--train-path", "train", aug, args.data_root)
+        train_aug = mokd.open_images(args.train_path, "--train-path", "train", args.data_root, aug)
         lin, *acc = train_linear_full(feat, train_aug, (val_f, val_y), args, lr, device,
                                       rank, world, C, val_f.shape[1])
         result["linear"] = probe_result(*acc)
@@ -445,9 +425,12 @@ def print_table(r):
 
 
 def interrupt(signum, frame):
-    """Ctrl-C or SIGTERM: one line and exit at once, before the DataLoader's threads and workers can print anything
-    (nothing is written before the end of an evaluation, so nothing is lost)."""
+    """Ctrl-C or SIGTERM: one line, the DataLoader's workers killed, exit at once (nothing is written before the end of
+    an evaluation, so nothing is lost). A worker that saw this process vanish would print a traceback."""
     print("evaluation interrupted: nothing was written", file=sys.stderr, flush=True)
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
     os._exit(130)
 
 
@@ -457,18 +440,14 @@ def main(argv=None):
     try:
         return evaluate(args)
     except MOKDError as e:
-        message, status = f"error: {e}", 2
-    except KeyboardInterrupt:
-        message, status = "evaluation interrupted: nothing was written", 130
+        message = f"error: {e}"
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if mokd.is_dist():
             dist.destroy_process_group()
     print(message, file=sys.stderr, flush=True)
-    if status == 130:  # interrupted mid-extraction: end now, before the DataLoader's threads print their own tracebacks
-        os._exit(status)  # (its workers notice that this process is gone and end too)
-    sys.exit(status)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

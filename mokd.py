@@ -659,8 +659,9 @@ def image_folder(root, flag, transform=None, loader=read_rgb):
               f"is), e.g. {stray[0]}", file=sys.stderr, flush=True)
     seen, unique = set(), []
     for path, y in ds.samples:
-        if os.path.realpath(path) not in seen:
-            seen.add(os.path.realpath(path))
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
             unique.append((path, y))
     if len(unique) < len(ds.samples):
         print(f"warning: {len(ds.samples) - len(unique)} images are reached by more than one path under {flag} "
@@ -698,6 +699,12 @@ def named_dataset(name, root, split, flag, transform=None):
                         f"{os.path.join(root, folder)!r}: without network here, download them elsewhere (torchvision."
                         f"datasets.{cls_name}('data', download=True)) and copy data/{folder} there, or set --data-root")
     return ds
+
+def open_images(path, flag, split, root, transform=None):
+    """A dataset name (DATASETS; its `split`) or an image folder, as (PIL image or transformed, label) pairs."""
+    if path in DATASETS:
+        return named_dataset(path, root, split, flag, transform)
+    return image_folder(path, flag, transform)
 
 SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes")  # draw_synthetic's labels 0-5
 
@@ -737,19 +744,31 @@ def draw_synthetic(index, seed, size):
     pixels = background * (1 - alpha) + foreground * alpha + rng.normal(0, 8, (size, size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), label
 
-class MultiCropDataset(torch.utils.data.Dataset):
-    """Item (epoch, index) -> the crops of image `index` of `images` (PIL image, label pairs; None: `n` synthetic
-    images), augmented with torch's RNG seeded by (seed, epoch, index): resume is exact, whatever the workers."""
+class SyntheticShapes(torch.utils.data.Dataset):
+    """The demo's images: `n` of draw_synthetic's shapes of `size` px drawn with `seed`, as (image, label) pairs."""
+    classes = SYNTHETIC_CLASSES
 
-    def __init__(self, images, aug, seed, n=0, size=32):
-        self.images, self.aug, self.seed, self.n, self.size = images, aug, seed, n, size
+    def __init__(self, n, seed, size, transform=None):
+        self.n, self.seed, self.size, self.transform = n, seed, size, transform
 
     def __len__(self):
-        return self.n if self.images is None else len(self.images)
+        return self.n
+
+    def __getitem__(self, index):
+        img, label = draw_synthetic(index, self.seed, self.size)
+        return (img if self.transform is None else self.transform(img)), label
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Item (epoch, index) -> the crops of image `index` of `images` (a dataset of (PIL image, label) pairs),
+    augmented with torch's RNG seeded by (seed, epoch, index): resume is exact, whatever the workers."""
+
+    def __init__(self, images, aug, seed):
+        self.images, self.aug, self.seed = images, aug, seed
+
+    def __len__(self):
+        return len(self.images)
 
     def load(self, index):
-        if self.images is None:
-            return draw_synthetic(index, self.seed, self.size)[0]
         for attempt in range(min(len(self), 50)):  # 50 unreadable files in a row: the data is broken
             try:
                 return self.images[(index + attempt) % len(self)][0]
@@ -799,12 +818,11 @@ def make_loader(cfg, rank, world, device):
     """-> (dataset, EpochSampler, DataLoader) of the run's training images; batches are lists of uint8 crops."""
     aug = MultiCropAugmentation(cfg["global_crop_size"], cfg["local_crop_size"], cfg["local_crops_number"],
                                 cfg["global_crops_scale"], cfg["local_crops_scale"])
-    if cfg["data_path"] in DATASETS:
-        ds = MultiCropDataset(named_dataset(cfg["data_path"], cfg["data_root"], "ssl", "--data-path"), aug, cfg["seed"])
-    elif cfg["data_path"]:
-        ds = MultiCropDataset(image_folder(cfg["data_path"], "--data-path"), aug, cfg["seed"])
+    if cfg["data_path"]:
+        images = open_images(cfg["data_path"], "--data-path", "ssl", cfg["data_root"])
     else:
-        ds = MultiCropDataset(None, aug, cfg["seed"], cfg["synthetic_size"], max(32, cfg["global_crop_size"]))
+        images = SyntheticShapes(cfg["synthetic_size"], cfg["seed"], max(32, cfg["global_crop_size"]))
+    ds = MultiCropDataset(images, aug, cfg["seed"])
     sampler = EpochSampler(len(ds), cfg["batch_size_per_gpu"], rank, world, cfg["seed"])
     if sampler.steps == 0:
         raise MOKDError(f"{len(ds)} images are fewer than one global batch ({cfg['batch_size_per_gpu']} x {world} "

@@ -475,9 +475,9 @@ def test_demo_cli_mixed_pair_runs_reports_and_its_checkpoint_evaluates(tmp_path,
                             "--num-workers", "0", "--device", "cpu"])
     assert res["train_size"] == 600 and res["val_size"] == 300 and res["num_classes"] == 6
     assert 0 <= res["knn"]["20"]["top1"] <= 100
-    bank = eval_linear.Synthetic(600, 1, 32, T.ToTensor())
-    train = mokd.MultiCropDataset(None, T.ToTensor(), 0, 32, 32)
-    assert not torch.equal(bank[0][0], T.ToTensor()(train.load(0)))  # other seeds than the training images
+    bank = mokd.SyntheticShapes(600, 1, 32, T.ToTensor())
+    train = mokd.SyntheticShapes(32, 0, 32, T.ToTensor())
+    assert not torch.equal(bank[0][0], train[0][0])  # other seeds than the training images
 
 
 # ============================================================================= eval_linear.py and export
