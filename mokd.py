@@ -96,7 +96,6 @@ def family(arch):
 # ==== 1. Views: DINO's multi-crop augmentation (2 global crops, n local crops). =======================================
 class RandomGaussianBlur:
     """PIL Gaussian blur with probability p and radius uniform in [0.1, 2.0] (DINO). Uses torch's RNG."""
-
     def __init__(self, p):
         self.p = p
 
@@ -107,7 +106,6 @@ class RandomGaussianBlur:
 
 class MultiCropAugmentation:
     """PIL image -> [g1, g2, local_1 .. local_n] uint8 tensors (3, H, W) (spec: Views); `normalise` finishes them."""
-
     def __init__(self, global_size, local_size, n_local, global_scale, local_scale):
         flip_colour = T.Compose([
             T.RandomHorizontalFlip(p=0.5),
@@ -140,7 +138,6 @@ def image_stats(device):
 # ==== 2. Backbones f. Each returns (pooled (N, C), tokens (N, h*w, C), (h, w)). =======================================
 class ResNetBackbone(nn.Module):
     """torchvision's ResNet without fc; `net` loads into torchvision.models.resnetXX() with fc = Identity."""
-
     def __init__(self, arch, stem):
         super().__init__()
         net = getattr(torchvision.models, arch)(weights=None)
@@ -179,7 +176,6 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block (ViT and T-head), LayerNorm eps 1e-6, MLP ratio 4."""
-
     def __init__(self, dim, heads, drop_path=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
@@ -215,7 +211,6 @@ def trunc_normal_init(module):
 
 class VisionTransformer(nn.Module):
     """DINO-style ViT; parameter names match DINO and timm (cls_token, pos_embed, patch_embed.proj, blocks.N...)."""
-
     def __init__(self, dim, heads, patch, img_size, depth=12, drop_path_rate=0.0):
         super().__init__()
         self.embed_dim, self.patch, self.grid = dim, patch, (img_size // patch, img_size // patch)
@@ -225,7 +220,7 @@ class VisionTransformer(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(Block(dim, heads, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.grad_checkpointing = False  # --grad-checkpointing: recompute each block in backward
+        self.grad_checkpointing = False  # --grad-checkpointing
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(trunc_normal_init)
@@ -241,11 +236,9 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         x, grid = self.tokens(x)
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+        for blk in self.blocks:  # with grad_checkpointing, each block is recomputed in the backward pass
+            recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
         x = self.norm(x)  # (N, 1+h*w, D)
         return x[:, 0], x[:, 1:], grid
 
@@ -282,7 +275,6 @@ def last_layer_f32(layer, x):
 
 class DINOHead(nn.Module):
     """h: Linear-GELU-Linear-GELU-Linear to the bottleneck, L2-normalise, weight-normalised Linear to K."""
-
     def __init__(self, in_dim, out_dim, norm_last_layer, hidden=2048, bottleneck=256):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
@@ -297,7 +289,6 @@ class THead(nn.Module):
     """g: project backbone tokens to width d, add a position embedding for the global crop's grid,
     optionally prepend a query token, transformer blocks + LayerNorm, mean over tokens (query dropped),
     weight-normalised Linear(d, K). embed() and run() are split so the search embeds g1 once and tiles it."""
-
     def __init__(self, in_dim, dim, grid, out_dim, depth, heads):
         super().__init__()
         # DEVIATION: any pair of backbones; a Linear when widths differ (= the authors' 1x1 conv on a CNN map).
@@ -326,14 +317,8 @@ class THead(nn.Module):
             x = x[:, 1:]  # (N, L, d)
         return last_layer_f32(self.last_layer, x.mean(dim=1))  # (N, K)
 
-def thead_width(arch_a, arch_b):
-    """The authors' T-head width d: the ViT's width (the wider ViT's with two), 384 for two CNNs."""
-    vit_widths = [VITS[arch][0] for arch in (arch_a, arch_b) if arch in VITS]
-    return max(vit_widths, default=384)
-
 class MOKDModel(nn.Module):
     """One model X: backbone f, MLP head h, T-head g (None for independent DINO in the benchmark)."""
-
     def __init__(self, arch, cfg, norm_last_layer, drop_path_rate=0.0, with_thead=True):
         super().__init__()
         self.arch = arch
@@ -405,7 +390,6 @@ def entropy(teacher, center, tau_t):
 
 class Centres(nn.Module):
     """The six DINO centres: c_sm, c_st, c_cm for each model (L_ct has none)."""
-
     def __init__(self, out_dim):
         super().__init__()
         for m in "ab":
@@ -440,23 +424,19 @@ def model_losses(x, y, s, t_self, t_other, search_other, centres, tau_self, tau_
     return total, L
 
 # ==== 5. The MOKD step of one pair: forward, losses, backward, clipping, update, centres, EMA. ========================
-def param_groups(model, thead_sched):
-    """No weight decay for biases and 1-D tensors (DINO), except in a CNN's T-head, whose parameters all decay
-    (the authors' optimiser groups); the T-head gets its own schedule tag."""
+def build_optimizer(model, optimizer, device):
+    """SGD (momentum 0.9) or AdamW over groups tagged with their schedule ("sched") and weight decay ("reg"): none for
+    biases and 1-D tensors (DINO), except in a CNN's T-head, whose parameters all decay on the transformer schedule
+    ("thead"), as in the authors' optimiser groups."""
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        sched = thead_sched if name.startswith("thead.") else "main"
-        reg = sched == "thead" or not (name.endswith(".bias") or p.ndim == 1)
-        groups.setdefault((sched, reg), []).append(p)
-    return [{"params": ps, "sched": s, "reg": r} for (s, r), ps in groups.items()]
-
-def build_optimizer(model, cfg, m, device):
-    thead_sched = "thead" if family(model.arch) == "resnet" else "main"  # CNN T-head: transformer schedule
-    groups = param_groups(model, thead_sched)
+        if p.requires_grad:
+            sched = "thead" if family(model.arch) == "resnet" and name.startswith("thead.") else "main"
+            reg = sched == "thead" or not (name.endswith(".bias") or p.ndim == 1)
+            groups.setdefault((sched, reg), []).append(p)
+    groups = [{"params": ps, "sched": s, "reg": r} for (s, r), ps in groups.items()]
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if cfg[f"optimizer_{m}"] == "sgd":
+    if optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9, **fused)
     return torch.optim.AdamW(groups, lr=0.0, **fused)
 
@@ -480,7 +460,6 @@ def ema_update(student_params, teacher_params, m):
 
 class Run:
     """Everything one training run holds: both models' students, teachers, optimisers and scalers, centres."""
-
     def __init__(self, cfg, device, world, with_thead=True):
         self.cfg, self.device, self.world = cfg, device, world
         self.students, self.teachers, self.opts, self.scalers, self.last_layers, self.params = {}, {}, {}, {}, {}, {}
@@ -497,7 +476,7 @@ class Run:
             mf = torch.channels_last if family(arch) == "resnet" and device.type == "cuda" else torch.preserve_format
             student, teacher = student.to(device, memory_format=mf), teacher.to(device, memory_format=mf)
             teacher.requires_grad_(False)  # teachers run in train mode (BatchNorm batch statistics), as DINO
-            self.opts[m] = build_optimizer(student, cfg, m, device)
+            self.opts[m] = build_optimizer(student, cfg[f"optimizer_{m}"], device)
             self.scalers[m] = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
             if world > 1:
                 device_ids = [device.index] if device.type == "cuda" else None
@@ -536,7 +515,9 @@ class Run:
     def step(self, crops, epoch, it, S):
         """One optimiser step of both models at global iteration `it`; returns its VALUE_KEYS values (12,)."""
         for m in "ab":
-            set_schedule(self.opts[m], S[m], it)
+            for g in self.opts[m].param_groups:
+                lr, wd = S[m][g["sched"]]  # the group's schedule: (lr, weight decay) per iteration
+                g["lr"], g["weight_decay"] = float(lr[it]), float(wd[it]) if g["reg"] else 0.0
         totals, terms, ents, new_teacher_outputs = self.losses(crops, epoch, S)
         for m in "ab":  # separate backward passes: L_A only reaches student A, L_B only student B
             opt, scaler = self.opts[m], self.scalers[m]
@@ -614,12 +595,6 @@ def lr_floor_warnings(cfg, world_size):
             f"/ 256): the lr stays at {lr * gb / 256:.4g} after warm-up; lower {fmin} or raise the batch"
             for flr, fmin, lr, low in pairs if low > lr * gb / 256]
 
-def set_schedule(opt, sched, it):
-    for g in opt.param_groups:
-        lr, wd = sched[g["sched"]]
-        g["lr"] = float(lr[it])
-        g["weight_decay"] = float(wd[it]) if g["reg"] else 0.0
-
 # ==== 7. Data: image files (ImageFolder) or the built-in synthetic shapes; per-image seeded augmentation. =============
 def to_rgb(img):
     """Any PIL mode -> 8-bit RGB, scaled by the mode, never by the content: 16-bit modes (I;16*, and I, PIL's mode for
@@ -657,96 +632,47 @@ def image_folder(root, flag, transform=None, loader=read_rgb):
     if stray:
         print(f"warning: {len(stray)} images directly in {flag} {root!r} are not read (only <root>/<class>/<image> "
               f"is), e.g. {stray[0]}", file=sys.stderr, flush=True)
-    seen, unique = set(), []
+    first = {}  # real path -> its first (path, label): a file reached twice through symbolic links is read once
     for path, y in ds.samples:
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            unique.append((path, y))
-    if len(unique) < len(ds.samples):
-        print(f"warning: {len(ds.samples) - len(unique)} images are reached by more than one path under {flag} "
+        first.setdefault(os.path.realpath(path), (path, y))
+    if len(first) < len(ds.samples):
+        print(f"warning: {len(ds.samples) - len(first)} images are reached by more than one path under {flag} "
               f"{root!r} (symbolic links); each is read once", file=sys.stderr, flush=True)
-        ds.samples = unique
-        ds.targets = [y for _, y in unique]
+        ds.samples = list(first.values())
+        ds.targets = [y for _, y in ds.samples]
     return ds
 
 DATASETS = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),
             "stl10": ("STL10", "stl10_binary")}  # --data-path NAME: torchvision's class and its folder in --data-root
 
-def named_dataset(name, root, split, flag, transform=None):
-    """torchvision's dataset `name` in `root` (split "ssl": the training images, STL-10's train+unlabeled; "train";
-    "test"), downloaded on first use; torchvision checks the files' md5 before a run reads them."""
-    cls_name, folder = DATASETS[name]
-    cls = getattr(torchvision.datasets, cls_name)
-    kwargs = {"train": split != "test"}
-    if name == "stl10":
-        kwargs = {"split": "train+unlabeled" if split == "ssl" else split}
-    ds = error = None
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the first process of each machine downloads; the others wait
-        try:
-            ds = cls(root, transform=transform, download=True, **kwargs)
-        except Exception as e:  # no network, a full disk, a corrupt archive
-            error = e
-    if is_dist():
-        dist.barrier()
-    if ds is None and error is None:
-        try:
-            ds = cls(root, transform=transform, download=False, **kwargs)
-        except Exception as e:
-            error = e
-    if ds is None:
-        raise MOKDError(f"{flag} {name}: {type(error).__name__}: {error}. The files belong in "
-                        f"{os.path.join(root, folder)!r}: without network here, download them elsewhere (torchvision."
-                        f"datasets.{cls_name}('data', download=True)) and copy data/{folder} there, or set --data-root")
-    return ds
-
 def open_images(path, flag, split, root, transform=None):
-    """A dataset name (DATASETS; its `split`) or an image folder, as (PIL image or transformed, label) pairs."""
-    if path in DATASETS:
-        return named_dataset(path, root, split, flag, transform)
-    return image_folder(path, flag, transform)
-
-SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes")  # draw_synthetic's labels 0-5
-
-def draw_synthetic(index, seed, size):
-    """A procedurally drawn image of class index % 6: disc, ring, square, triangle, cross, stripes. The background is
-    a smooth random colour field, so two crops of one image see different colours and colour cannot tell images
-    apart; the shape, at a random position and scale, is lighter or darker than the field. The class is the shape."""
-    rng = np.random.default_rng([seed, index])
-    label = index % 6
-    corners = torch.tensor(rng.uniform(0, 255, (1, 3, 2, 2)), dtype=torch.float32)  # a colour per image corner
-    field = F.interpolate(corners, size=(size, size), mode="bilinear", align_corners=True)  # (1, 3, size, size)
-    background = field[0].permute(1, 2, 0).numpy()  # (size, size, 3)
-    shift = (1.0 if background.mean() < 128 else -1.0) * rng.uniform(80, 130)
-    foreground = np.clip(background + shift + rng.normal(0, 25, 3), 0, 255)
-    mask = Image.new("L", (size, size), 0)
-    d = ImageDraw.Draw(mask)
-    r = size * rng.uniform(0.22, 0.4)
-    cx, cy = rng.uniform(r, size - r, 2)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    w = max(1, int(r / 3))
-    if label == 0:
-        d.ellipse(box, fill=255)
-    elif label == 1:
-        d.ellipse(box, outline=255, width=w)
-    elif label == 2:
-        d.rectangle(box, fill=255)
-    elif label == 3:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=255)
-    elif label == 4:
-        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=255)
-        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=255)
-    else:
-        for k in range(-3, 4, 2):
-            y = cy + k * r / 4
-            d.rectangle((cx - r, y - w / 2, cx + r, y + w / 2), fill=255)
-    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255  # (size, size, 1)
-    pixels = background * (1 - alpha) + foreground * alpha + rng.normal(0, 8, (size, size, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), label
+    """(PIL image or transform(image), label) pairs of an image folder (image_folder) or of torchvision's dataset named
+    `path` (DATASETS) in `root`, downloaded on first use (torchvision checks its md5); split "ssl": the training
+    images (STL-10's train+unlabeled), "train" or "test"."""
+    if path not in DATASETS:
+        return image_folder(path, flag, transform)
+    cls_name, folder = DATASETS[path]
+    kwargs = {"train": split != "test"}
+    if path == "stl10":
+        kwargs = {"split": "train+unlabeled" if split == "ssl" else split}
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0  # the first process of each machine downloads
+    if is_dist() and not first:
+        dist.barrier()  # the others wait for it, then read the files
+    try:
+        return getattr(torchvision.datasets, cls_name)(root, transform=transform, download=first, **kwargs)
+    except Exception as e:  # no network, a full disk, a corrupt archive, files missing
+        raise MOKDError(f"{flag} {path}: {type(e).__name__}: {e}. The files belong in {os.path.join(root, folder)!r}: "
+                        f"without network here, download them elsewhere (torchvision.datasets.{cls_name}('data', "
+                        f"download=True)) and copy data/{folder} there, or set --data-root") from None
+    finally:
+        if is_dist() and first:
+            dist.barrier()  # reached after a failure too: no process waits for one that gave up
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """The demo's images: `n` of draw_synthetic's shapes of `size` px drawn with `seed`, as (image, label) pairs."""
-    classes = SYNTHETIC_CLASSES
+    """The demo's images: `n` of `size` px drawn with `seed`, as (PIL image or transform(image), label) pairs. Image i
+    shows shape i % 6 (`classes`) at a random position and scale, lighter or darker than a smooth random colour field:
+    two crops of one image see different colours, so colour cannot tell images apart. The class is the shape."""
+    classes = ("disc", "ring", "square", "triangle", "cross", "stripes")
 
     def __init__(self, n, seed, size, transform=None):
         self.n, self.seed, self.size, self.transform = n, seed, size, transform
@@ -755,13 +681,41 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, index):
-        img, label = draw_synthetic(index, self.seed, self.size)
+        rng, label, size = np.random.default_rng([self.seed, index]), index % 6, self.size
+        corners = torch.tensor(rng.uniform(0, 255, (1, 3, 2, 2)), dtype=torch.float32)  # a colour per image corner
+        field = F.interpolate(corners, size=(size, size), mode="bilinear", align_corners=True)  # (1, 3, size, size)
+        background = field[0].permute(1, 2, 0).numpy()  # (size, size, 3)
+        shift = (1.0 if background.mean() < 128 else -1.0) * rng.uniform(80, 130)
+        foreground = np.clip(background + shift + rng.normal(0, 25, 3), 0, 255)
+        mask = Image.new("L", (size, size), 0)
+        d = ImageDraw.Draw(mask)
+        r = size * rng.uniform(0.22, 0.4)
+        cx, cy = rng.uniform(r, size - r, 2)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        w = max(1, int(r / 3))
+        if label == 0:
+            d.ellipse(box, fill=255)
+        elif label == 1:
+            d.ellipse(box, outline=255, width=w)
+        elif label == 2:
+            d.rectangle(box, fill=255)
+        elif label == 3:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=255)
+        elif label == 4:
+            d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=255)
+            d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=255)
+        else:
+            for k in range(-3, 4, 2):
+                y = cy + k * r / 4
+                d.rectangle((cx - r, y - w / 2, cx + r, y + w / 2), fill=255)
+        alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255  # (size, size, 1)
+        pixels = background * (1 - alpha) + foreground * alpha + rng.normal(0, 8, (size, size, 3))
+        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
         return (img if self.transform is None else self.transform(img)), label
 
 class MultiCropDataset(torch.utils.data.Dataset):
     """Item (epoch, index) -> the crops of image `index` of `images` (a dataset of (PIL image, label) pairs),
     augmented with torch's RNG seeded by (seed, epoch, index): resume is exact, whatever the workers."""
-
     def __init__(self, images, aug, seed):
         self.images, self.aug, self.seed = images, aug, seed
 
@@ -788,7 +742,6 @@ class MultiCropDataset(torch.utils.data.Dataset):
 class EpochSampler(torch.utils.data.Sampler):
     """(epoch, index) keys: a permutation seeded by (seed, epoch), split across ranks (rank::world), full batches only,
     from batch `start` (mid-epoch resume). Step s sees the same global batch whatever the number of processes."""
-
     def __init__(self, n, batch_per_rank, rank, world, seed):
         self.n, self.b, self.rank, self.world, self.seed = n, batch_per_rank, rank, world, seed
         self.epoch, self.start = 0, 0
@@ -928,7 +881,6 @@ def check_resume_config(saved, cfg, path, rank):
 class StopRequest:
     """`with StopRequest() as stop:` SIGTERM / SIGINT set stop.requested: the step during which a signal reached any
     rank is the last; the run saves and exits. A second signal exits at once, without saving."""
-
     def __enter__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -956,7 +908,6 @@ class StopRequest:
 class Logger:
     """Holds each step's VALUE_KEYS values on the device; `check` reads them once per log interval (averaged over
     ranks), stops on a non-finite value (never saved), and on rank 0 writes log.jsonl and the console line."""
-
     def __init__(self, cfg, path, rank, world, S, niter, total, device, last_ckpt):
         self.cfg, self.rank, self.world, self.S, self.niter, self.total = cfg, rank, world, S, niter, total
         self.device, self.last_ckpt = device, last_ckpt
@@ -1137,7 +1088,7 @@ def start_report(cfg, ds, niter, end, world, device, S):
 # ==== 10. The demo's report (`python mokd.py`, no --data-path). =======================================================
 def demo_report(cfg, log_path, ckpt_path):
     """Each loss term's first and last logged value, both collapse signals against log K, the checkpoint and what to
-    try next. The last line is one JSON object."""
+    try next; the last line is one JSON object."""
     with open(log_path) as f:
         records = [json.loads(line) for line in f]
     first, last, log_k = records[0], records[-1], math.log(cfg["out_dim"])
@@ -1147,9 +1098,8 @@ def demo_report(cfg, log_path, ckpt_path):
     print(f"\nloss terms, logged step {first['step']} -> {last['step']}, and the teachers' collapse signals (log K = "
           f"{log_k:.2f}; near log K: uniform; near 0: one prototype; healthy: entropy low, of the batch mean high):")
     for m, r in report.items():
-        terms = ", ".join(f"{k} {r['first'][k]:.2f} -> {r['last'][k]:.2f}" for k in LOSS_NAMES
-                          if r["first"][k] is not None)
-        print(f"  {m.upper()} ({r['arch']}): {terms}; entropy {r['entropy']:.2f}, of its batch mean "
+        terms = [f"{k} {r['first'][k]:.2f} -> {r['last'][k]:.2f}" for k in LOSS_NAMES if r["first"][k] is not None]
+        print(f"  {m.upper()} ({r['arch']}): {', '.join(terms)}; entropy {r['entropy']:.2f}, of its batch mean "
               f"{r['batch_entropy']:.2f}")
     print(f"checkpoint: {ckpt_path}\nThis run checks that the whole method runs end to end. About 100 steps on a CPU "
           f"do not make DINO-family features better than random ones on these images; real data and a GPU do.\n"
@@ -1181,7 +1131,6 @@ boolean = checked(lambda t: {"true": True, "1": True, "false": False, "0": False
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, but not "None": such a flag says in its help what happens without it."""
-
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
@@ -1195,7 +1144,8 @@ def recipe_defaults(recipe, arch_a=None, arch_b=None, epochs=None):
     for m in "ab":
         fam = family(d[f"arch_{m}"])
         d.update({f"{k}_{m}": v for k, v in {**FAMILY[fam], **r.get("family", {}).get(fam, {})}.items()})
-    d["thead_dim"] = thead_width(d["arch_a"], d["arch_b"])
+    vit_widths = [VITS[d[f"arch_{m}"]][0] for m in "ab" if d[f"arch_{m}"] in VITS]
+    d["thead_dim"] = max(vit_widths, default=384)  # the authors' T-head width: the (wider) ViT's, 384 for two CNNs
     warmups = ("warmup_epochs", "cross_warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs_a",
                "warmup_teacher_temp_epochs_b")
     if epochs:

@@ -486,7 +486,7 @@ def make_folder(root, n_per_class, size=16, seed=0):
     for c in range(3):
         os.makedirs(root / f"class{c}", exist_ok=True)
         for i in range(n_per_class):
-            img, _ = mokd.draw_synthetic(c + 6 * i, seed, size)
+            img, _ = mokd.SyntheticShapes(6 * n_per_class, seed, size)[c + 6 * i]
             img.save(root / f"class{c}" / f"{i}.png")
     return str(root)
 
@@ -1059,13 +1059,16 @@ def test_cnn_thead_decays_every_parameter_and_vit_thead_exempts_biases_and_norms
     cfg = make_cfg("resnet18", "vit_tiny")
     for arch, thead_sched in (("resnet18", "thead"), ("vit_tiny", "main")):
         model = mokd.MOKDModel(arch, cfg, True)
-        decayed = {id(p) for g in mokd.param_groups(model, thead_sched) if g["reg"] for p in g["params"]}
+        groups = mokd.build_optimizer(model, "sgd", torch.device("cpu")).param_groups
+        decayed = {id(p) for g in groups if g["reg"] for p in g["params"]}
+        schedule = {id(p): g["sched"] for g in groups for p in g["params"]}
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             exempt = name.endswith(".bias") or p.ndim == 1
             expected = thead_sched == "thead" and name.startswith("thead.") or not exempt
             assert (id(p) in decayed) == expected, (arch, name)
+            assert schedule[id(p)] == (thead_sched if name.startswith("thead.") else "main"), (arch, name)
 
 
 def test_cnn_thead_projection_has_pytorchs_default_init():

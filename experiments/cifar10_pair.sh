@@ -30,7 +30,7 @@ import sys
 import mokd
 try:
     for split in ("ssl", "test"):
-        mokd.named_dataset("cifar10", sys.argv[1], split, "DATA")
+        mokd.open_images("cifar10", "DATA", split, sys.argv[1])
 except mokd.MOKDError as e:
     sys.exit(f"error: {e}")
 PY
