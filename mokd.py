@@ -470,7 +470,7 @@ class Run:
             teacher.load_state_dict(student.state_dict())
             if isinstance(student.backbone, VisionTransformer):
                 student.backbone.grad_checkpointing = cfg["grad_checkpointing"]
-            if family(arch) == "resnet" and world > 1 and device.type == "cuda":  # DEVIATION: plain BN on CPU/gloo
+            if family(arch) == "resnet" and is_dist() and device.type == "cuda":  # DEVIATION: plain BN on CPU/gloo
                 student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
                 teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
             mf = torch.channels_last if family(arch) == "resnet" and device.type == "cuda" else torch.preserve_format
@@ -478,7 +478,7 @@ class Run:
             teacher.requires_grad_(False)  # teachers run in train mode (BatchNorm batch statistics), as DINO
             self.opts[m] = build_optimizer(student, cfg[f"optimizer_{m}"], device)
             self.scalers[m] = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
-            if world > 1:
+            if is_dist():  # under torchrun, one process too: the multi-GPU code path
                 device_ids = [device.index] if device.type == "cuda" else None
                 student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
             if cfg["compile"]:
@@ -1083,7 +1083,7 @@ def start_report(cfg, ds, niter, end, world, device, S):
           f"{cfg['global_crop_size']} + {cfg['local_crops_number']} x {cfg['local_crop_size']} px; data: {data}, "
           f"{len(ds)} images\n{niter} steps per epoch x {cfg['epochs']} epochs (this launch stops at step {end}); "
           f"global batch {cfg['batch_size_per_gpu'] * world}; peak lr {lr}; {cfg['precision']} on {world} x "
-          f"{device.type}; output: {cfg['output_dir']}", *lr_floor_warnings(cfg, world), sep="\n", flush=True)
+          f"{device.type}{' (DDP)' if is_dist() else ''}; output: {cfg['output_dir']}", *lr_floor_warnings(cfg, world), sep="\n", flush=True)
 
 # ==== 10. The demo's report (`python mokd.py`, no --data-path). =======================================================
 def demo_report(cfg, log_path, ckpt_path):

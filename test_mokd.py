@@ -53,9 +53,9 @@ def last_json(text):
     return json.loads(text.strip().splitlines()[-1])
 
 
-def run_cli(args, nproc=1, timeout=600):
+def run_cli(args, nproc=1, timeout=600, torchrun=False):
     cmd = [sys.executable]
-    if nproc > 1:
+    if nproc > 1 or torchrun:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd + [os.path.join(HERE, "mokd.py"), *args], capture_output=True, text=True, timeout=timeout,
@@ -450,6 +450,20 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     rec = [json.loads(open(tmp_path / d / "log.jsonl").readline()) for d in ("one", "two")]
     for k in [f"{m}.{t}" for m in "ab" for t in mokd.LOSS_NAMES]:
         assert rec[0][k] == pytest.approx(rec[1][k], rel=1e-4), k
+
+
+def test_torchrun_with_one_process_takes_the_ddp_path_and_matches_plain_python(tmp_path):
+    """One process under torchrun runs the multi-GPU code (process group, DDP): a one-GPU machine checks it."""
+    common = ["--arch-a", "resnet18", "--arch-b", "vit_tiny", *TINY, "--max-steps", "2", "--log-every", "1"]
+    ddp = run_cli(common + ["--output-dir", str(tmp_path / "ddp")], torchrun=True)
+    assert ddp.returncode == 0 and "fp32 on 1 x cpu (DDP)" in ddp.stdout, ddp.stdout[-2000:] + ddp.stderr[-2000:]
+    plain = run_cli(common + ["--output-dir", str(tmp_path / "plain")])
+    assert plain.returncode == 0 and "fp32 on 1 x cpu;" in plain.stdout, plain.stderr[-2000:]
+    a, _ = checkpoint_tensors(tmp_path / "ddp" / "checkpoint.pth")
+    b, _ = checkpoint_tensors(tmp_path / "plain" / "checkpoint.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_demo_cli_mixed_pair_runs_reports_and_its_checkpoint_evaluates(tmp_path, capsys):
