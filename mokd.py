@@ -1101,8 +1101,8 @@ def demo_report(cfg, log_path, ckpt_path):
         terms = [f"{k} {r['first'][k]:.2f} -> {r['last'][k]:.2f}" for k in LOSS_NAMES if r["first"][k] is not None]
         print(f"  {m.upper()} ({r['arch']}): {', '.join(terms)}; entropy {r['entropy']:.2f}, of its batch mean "
               f"{r['batch_entropy']:.2f}")
-    print(f"checkpoint: {ckpt_path}\nThis run checks that the whole method runs end to end. About 100 steps on a CPU "
-          f"do not make DINO-family features better than random ones on these images; real data and a GPU do.\n"
+    print(f"checkpoint: {ckpt_path}\nThis run checks that the whole method runs end to end; it is too short to learn "
+          f"(about 100 CPU steps did not lift DINO-family features above random ones here): that takes real data.\n"
           f"next: python eval_linear.py --checkpoint {ckpt_path} --knn   # k-NN on held-out synthetic images\n"
           f"      python mokd.py --recipe cifar10 --data-path cifar10 --output-dir OUT   # train on CIFAR-10")
     print(json.dumps({**report, "log_K": round(log_k, 3), "checkpoint": ckpt_path}), flush=True)
@@ -1203,7 +1203,7 @@ def build_parser(recipe="demo", arch_a=None, arch_b=None, epochs=None):
     a("--data-path", help=f"an image folder (<root>/<class>/<image>) or a dataset name ({', '.join(DATASETS)}: "
       f"downloaded into --data-root on first use); without it, built-in synthetic shapes")
     a("--data-root", default="data", help="where named datasets are (or are downloaded to)")
-    a("--synthetic-size", type=positive_int, default=768, help="images in the synthetic dataset (no --data-path)")
+    a("--synthetic-size", type=positive_int, default=320, help="images in the synthetic dataset (no --data-path)")
     a("--num-workers", type=count, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
     a("--output-dir", default="output", help="checkpoint.pth, log.jsonl and config.json go here")
     a("--resume", help="resume from this checkpoint (default: OUTPUT_DIR/checkpoint.pth if present)")
