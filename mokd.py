@@ -1083,7 +1083,8 @@ def start_report(cfg, ds, niter, end, world, device, S):
           f"{cfg['global_crop_size']} + {cfg['local_crops_number']} x {cfg['local_crop_size']} px; data: {data}, "
           f"{len(ds)} images\n{niter} steps per epoch x {cfg['epochs']} epochs (this launch stops at step {end}); "
           f"global batch {cfg['batch_size_per_gpu'] * world}; peak lr {lr}; {cfg['precision']} on {world} x "
-          f"{device.type}{' (DDP)' if is_dist() else ''}; output: {cfg['output_dir']}", *lr_floor_warnings(cfg, world), sep="\n", flush=True)
+          f"{device.type}{' (DDP)' if is_dist() else ''}; output: {cfg['output_dir']}", *lr_floor_warnings(cfg, world),
+          sep="\n", flush=True)
 
 # ==== 10. The demo's report (`python mokd.py`, no --data-path). =======================================================
 def demo_report(cfg, log_path, ckpt_path):

@@ -1129,6 +1129,14 @@ def test_mokd_py_is_self_contained(tmp_path):
     assert (tmp_path / "o" / "checkpoint.pth").exists()
 
 
+def test_no_line_of_the_python_files_is_over_120_characters():
+    files = ["mokd.py", "eval_linear.py", "benchmark.py", "test_mokd.py",
+             os.path.join("experiments", "authors_parity.py")]
+    long = [f"{name}:{i}" for name in files for i, line in enumerate(open(os.path.join(HERE, name)), 1)
+            if len(line.rstrip("\n")) > 120]
+    assert not long, long
+
+
 # ----------------------------------------------------------------------------- recipes, help, what a run says
 def parse(*argv):
     return mokd.parse_config(list(argv))
