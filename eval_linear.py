@@ -427,11 +427,18 @@ def print_table(r):
 def interrupt(signum, frame):
     """Ctrl-C or SIGTERM: one line, the DataLoader's workers killed, exit at once (nothing is written before the end of
     an evaluation, so nothing is lost). A worker that saw this process vanish would print a traceback."""
-    print("evaluation interrupted: nothing was written", file=sys.stderr, flush=True)
-    for worker in multiprocessing.active_children():
-        worker.kill()
-        worker.join()
-    os._exit(130)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal (torchrun forwards Ctrl-C) changes nothing
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's own handler would raise for the workers killed here
+    try:
+        print("evaluation interrupted: nothing was written", file=sys.stderr, flush=True)
+        workers = multiprocessing.active_children()
+        for worker in workers:
+            worker.kill()
+        for worker in workers:
+            worker.join()
+    finally:
+        os._exit(130)
 
 
 def main(argv=None):

@@ -453,7 +453,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 
 def test_torchrun_with_one_process_takes_the_ddp_path_and_matches_plain_python(tmp_path):
-    """One process under torchrun runs the multi-GPU code (process group, DDP): a one-GPU machine checks it."""
+    """One process under torchrun runs inside the DDP wrapper, as several do: a one-GPU machine checks that code."""
     common = ["--arch-a", "resnet18", "--arch-b", "vit_tiny", *TINY, "--max-steps", "2", "--log-every", "1"]
     ddp = run_cli(common + ["--output-dir", str(tmp_path / "ddp")], torchrun=True)
     assert ddp.returncode == 0 and "fp32 on 1 x cpu (DDP)" in ddp.stdout, ddp.stdout[-2000:] + ddp.stderr[-2000:]

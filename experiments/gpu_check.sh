@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in steps that fit a lent machine's calls (each call at most 10 minutes):
 #
-#   bash experiments/gpu_check.sh launch OUT                # the CUDA launch paths: torchrun (nccl, DDP, SyncBatchNorm,
-#                                                           # bf16) and fp16 with its grad scalers: 20 steps, then a
-#                                                           # resume to step 30; fails unless the losses stay finite
+#   bash experiments/gpu_check.sh launch OUT                # the CUDA launch paths: torchrun with one process (nccl,
+#                                                           # DDP and SyncBatchNorm wrappers, bf16) and fp16 with its
+#                                                           # grad scalers: 20 steps, a resume to step 30, finite losses
 #   bash experiments/gpu_check.sh bench OUT [eager|compile] # benchmark.py at the README's two settings, bf16
 #   bash experiments/gpu_check.sh pair OUT EPOCHS TRAIN_S   # starts the CIFAR-10 pair (experiments/cifar10_pair.sh) in
 #                                                           # the background: EPOCHS-epoch schedules, training stopped
@@ -13,6 +13,8 @@
 # A short lease: `pair` first (about 38 s per epoch for the pair on an H200 with 16 cores; the four evaluations take
 # about 2 minutes), `wait` in the calls that follow, `launch` and `bench` once the pair has finished (run beside it they
 # would slow it and be slowed). Everything lands under OUT; each step ends with a summary on stdout.
+# OUT must outlive a call (e.g. output/gpu, git-ignored; not the device's $OUT, which each call empties): end the last
+# call with `cp -r output/gpu "$OUT"/` to bring the logs back.
 # DATA: a folder holding train/ and test/ (default data/cifar10, unpacked from data/cifar10.tgz when that exists:
 # `tar czf data/cifar10.tgz -C ../shared/data cifar10`). DEVICE=cpu rehearses every step on a CPU with tiny settings
 # (fp16 and --compile are skipped there). PYTHON picks the interpreter (default: python).
@@ -51,19 +53,22 @@ PY
 
 case "$step" in
 launch)
-    flags=(--recipe cifar10 --data-path "$data/train" --log-every 5 "${small[@]}")
+    flags=(--recipe cifar10 --data-path "$data/train" --log-every 5 ${small[@]+"${small[@]}"})
     launchers=("torchrun")
     [ "$device" = cpu ] || launchers+=("fp16")
     for name in "${launchers[@]}"; do
         if [ "$name" = fp16 ]; then
             cmd=("$py" "$here/mokd.py" --precision fp16)
-        else  # one process under torchrun: a process group (nccl on CUDA), DDP and, for the ResNet, SyncBatchNorm
+        else  # one process under torchrun: a process group (nccl on CUDA) and the DDP / SyncBatchNorm wrappers (their
+              # cross-process all-reduces need two GPUs or more)
             cmd=("$py" -m torch.distributed.run --standalone --nproc_per_node=1 "$here/mokd.py")
         fi
-        rm -rf "$out/$name"
+        rm -rf "$out/$name" "$out/$name.log"
         for last in 20 30; do  # 20 steps, then the same command resumed to step 30
             "${cmd[@]}" "${flags[@]}" --max-steps "$last" --output-dir "$out/$name" >> "$out/$name.log" 2>&1 \
-                || { echo "$name: the run to step $last failed; see $out/$name.log" >&2; tail -n 5 "$out/$name.log" >&2; exit 1; }
+                || { echo "$name: the run to step $last failed; see $out/$name.log" >&2
+                     tail -n 5 "$out/$name.log" >&2
+                     exit 1; }
         done
         grep -q "resumed from .* continues with step 20" "$out/$name.log" \
             || { echo "$name: the second launch did not resume at step 20; see $out/$name.log" >&2; exit 1; }
@@ -89,8 +94,8 @@ bench)
             extra=()
             [ "$mode" = eager ] || extra=(--compile)
             log="$out/bench_${setting}_$mode.log"
-            "$py" "$here/benchmark.py" "${shape[@]}" "${small[@]}" "${extra[@]}" --output-dir "$out/bench_output" \
-                --benchmark-steps "$steps" > "$log" 2>&1 \
+            "$py" "$here/benchmark.py" "${shape[@]}" ${small[@]+"${small[@]}"} ${extra[@]+"${extra[@]}"} \
+                --output-dir "$out/bench_output" --benchmark-steps "$steps" > "$log" 2>&1 \
                 || { echo "benchmark $setting $mode failed; see $log" >&2; tail -n 5 "$log" >&2; exit 1; }
             "$py" - "$log" "$setting" "$mode" <<'PY'
 import json, sys
@@ -109,19 +114,21 @@ pair)
     [ -d "$data/train" ] && [ -d "$data/test" ] || { echo "error: $data must hold train/ and test/" >&2; exit 2; }
     rm -rf "$out/pair"
     TRAIN_DEADLINE_S=$train_s PYTHON=$py setsid nohup bash "$here/experiments/cifar10_pair.sh" "$data" "$out/pair" \
-        "$epochs" "${small[@]}" > "$out/pair.log" 2>&1 < /dev/null &
+        "$epochs" ${small[@]+"${small[@]}"} > "$out/pair.log" 2>&1 < /dev/null &
+    echo $! > "$out/pair.pid"
     echo "pair started: $epochs epochs, training stops after $train_s s at the latest; output in $out/pair.log"
     ;;
 wait)
     seconds=${3:?$usage}
+    [ -f "$out/pair.pid" ] || { echo "error: no pair started in $out" >&2; exit 2; }
     t0=$(date +%s)
-    while pgrep -f "cifar10_pair.sh .*$out/pair" > /dev/null && [ $(( $(date +%s) - t0 )) -lt "$seconds" ]; do
+    while kill -0 "$(cat "$out/pair.pid")" 2> /dev/null && [ $(( $(date +%s) - t0 )) -lt "$seconds" ]; do
         sleep 5
     done
     for run in mokd independent; do
         [ -f "$out/pair/$run.log" ] && echo "$run: $(grep "^step " "$out/pair/$run.log" | tail -n 1)"
     done
-    if pgrep -f "cifar10_pair.sh .*$out/pair" > /dev/null; then
+    if kill -0 "$(cat "$out/pair.pid")" 2> /dev/null; then
         echo "the pair is still running"
     else
         tail -n 40 "$out/pair.log"
