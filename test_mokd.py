@@ -1,4 +1,5 @@
 """Tests for mokd.py and eval_linear.py: CPU only, tiny models, images made here. Run: python -m pytest -q"""
+import copy
 import importlib.util
 import json
 import math
@@ -82,6 +83,15 @@ def ref_dino(student, teacher, center, tau_t, n_global=2, tau_s=0.1):
     return total / n
 
 
+def ref_cross_entropy(student, teacher, tau_t, tau_s=0.1):
+    """L_ct written out plainly in float64 numpy: mean_b[-sum_k softmax(t / tau_t) log softmax(s / tau_s)]."""
+    s, t = np.asarray(student, dtype=np.float64) / tau_s, np.asarray(teacher, dtype=np.float64) / tau_t
+    p = np.exp(t - t.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    logq = s - s.max(1, keepdims=True) - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True))
+    return np.mean(-(p * logq).sum(1))
+
+
 shapes = st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(2, 17))  # B, n_local, K
 
 
@@ -151,12 +161,27 @@ def test_losses_run_in_float32_under_low_precision():
     assert mokd.cross_entropy(s[:4], t, 0.04).dtype == torch.float32
 
 
-def test_centre_update_is_ema_of_batch_mean():
-    c = mokd.Centres(5)
-    t = torch.randn(6, 5)
-    c.update({"sm_a": t})
-    torch.testing.assert_close(c.sm_a, 0.1 * t.mean(0, keepdim=True))
-    assert c.sm_b.abs().sum() == 0
+def test_two_centre_updates_keep_0_9_of_the_old_centre():
+    """c <- 0.9 c + 0.1 mean_b t, twice from a non-zero centre; only the named centres move."""
+    c = mokd.Centres(5).double()
+    c0 = torch.randn(1, 5, dtype=torch.float64)
+    c.sm_a.copy_(c0)
+    t1, t2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    c.update({"sm_a": t1, "cm_b": t2})
+    c.update({"sm_a": t2})
+    m1, m2 = t1.numpy().mean(0), t2.numpy().mean(0)
+    np.testing.assert_allclose(c.sm_a.numpy()[0], 0.9 * (0.9 * c0.numpy()[0] + 0.1 * m1) + 0.1 * m2, rtol=1e-12)
+    np.testing.assert_allclose(c.cm_b.numpy()[0], 0.1 * m2, rtol=1e-12)
+    assert c.sm_b.abs().sum() == 0 and c.st_a.abs().sum() == 0
+
+
+@FEW
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(2, 17), st.floats(0.02, 0.1), st.integers(0, 2**31 - 1))
+def test_cross_entropy_matches_plain_reference_in_float64(B, n, K, tau, seed):
+    """L_ct against a numpy reference: no centre, the teacher at tau_t, the student at tau_s = 0.1, mean over rows."""
+    g = torch.Generator().manual_seed(seed)
+    s, t = (torch.randn(n * B, K, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    assert mokd.cross_entropy(s, t, tau).item() == pytest.approx(ref_cross_entropy(s, t, tau), rel=1e-10)
 
 
 # ----------------------------------------------------------------------------- schedules and EMA
@@ -353,6 +378,218 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
         total = sum(values[:8].tolist())
         first = total if first is None else first
     assert total < first
+
+
+# ----------------------------------------------------------------------------- the wiring of whole steps
+# An asymmetric pair: another family, lambda, clip, teacher temperature and centre per model, and a cross temperature
+# unlike both, so that a term fed the partner's (or the wrong step's) value cannot pass.
+ASYM = dict(lam_a=0.7, lam_b=0.2, clip_grad_a=0.05, clip_grad_b=0.5, freeze_last_layer=1, drop_path=0.0)
+
+
+def distinct_schedules(cfg):
+    """Two steps' schedules (epoch e = iteration e) in which every value differs from every other."""
+    S = mokd.build_schedules(cfg, 1, 1)
+    S["momentum"] = np.array([0.9, 0.7])
+    S["tau_cross"] = np.array([0.039, 0.083])
+    S["a"]["tau"], S["b"]["tau"] = np.array([0.05, 0.062]), np.array([0.071, 0.044])
+    for i, m in enumerate("ab"):
+        base = 1e-3 if cfg[f"optimizer_{m}"] == "adamw" else 0.05
+        S[m]["main"] = (np.array([base, 2.1 * base]) * (1 + i / 10), np.array([0.01, 0.03]) * (1 + i / 7))
+        S[m]["thead"] = (np.array([3e-4, 7e-4]) * (1 + i / 10), np.array([0.02, 0.05]) * (1 + i / 7))
+    return S
+
+
+def float64_run(cfg, seed=0):
+    run, _ = make_run(cfg, seed)
+    for m in "ab":
+        run.students[m].double()
+        run.teachers[m].double()
+    run.centres.double()
+    g = torch.Generator().manual_seed(seed + 100)
+    for name, c in run.centres.named_buffers():  # distinct non-zero centres
+        c.copy_(0.3 * torch.randn(c.shape, generator=g, dtype=torch.float64))
+    return run
+
+
+class StepRecorder:
+    """Records what one Run.step computes: each MOKDModel's outputs (forward hooks on the run's own modules), the
+    totals and terms (a wrapper of Run.losses), and at each optimiser step its groups' lr / weight decay and the
+    gradients it receives."""
+    def __init__(self, run):
+        self.run, self.out, self.opt = run, {}, {}
+        for role, mods in (("s", run.students), ("t", run.teachers)):
+            for m in "ab":
+                mods[m].register_forward_hook(self.hook(role, m, mods[m]))
+        losses = run.losses
+
+        def recorded_losses(*args):
+            result = losses(*args)
+            self.totals, self.terms = result[0], result[1]
+            return result
+        run.losses = recorded_losses
+        for m in "ab":
+            self.wrap_step(m)
+
+    def hook(self, role, m, module):
+        def record(mod, inputs, output):
+            if mod is module:  # not a copy of it
+                self.out[role + m] = {k: v.detach().clone() for k, v in output.items() if v is not None}
+        return record
+
+    def wrap_step(self, m):
+        opt, step = self.run.opts[m], self.run.opts[m].step
+
+        def recorded_step(*args, **kwargs):
+            self.opt[m] = {"groups": [(g["sched"], g["reg"], g["lr"], g["weight_decay"]) for g in opt.param_groups],
+                           "grads": {id(p): None if p.grad is None else p.grad.clone()
+                                     for g in opt.param_groups for p in g["params"]}}
+            return step(*args, **kwargs)
+        opt.step = recorded_step
+
+
+def reference_search(teacher, g1, query, n):
+    """The search row by row: local crop j of image b (row j*B + b) queries teacher Y's g1 tokens of image b."""
+    B = len(g1)
+    rows = [teacher.thead.run(g1[b:b + 1], query[j * B + b:j * B + b + 1]) for j in range(n) for b in range(B)]
+    return torch.cat(rows)  # (n*B, K)
+
+
+def check_one_step(run, rec, crops, epoch, it, S, cfg):
+    """Run step `it` (epoch `epoch`) and check every quantity against references from its captured inputs."""
+    B, n = len(crops[0]), len(crops) - 2
+    before = copy.deepcopy(run)  # students, teachers, centres and optimisers as the step finds them
+    raw = {}  # the gradients of the step's own totals, before clipping and freezing (`before` is a copy)
+    totals, _, _, _ = mokd.Run.losses(before, crops, epoch, S)  # (before.losses is the recorder's)
+    for m in "ab":
+        params = [p for p in before.students[m].parameters() if p.requires_grad]
+        raw[m] = dict(zip((id(p) for p in run.params[m][0] if p.requires_grad),
+                          torch.autograd.grad(totals[m], params, retain_graph=True, allow_unused=True)))
+    values = run.step(crops, epoch, it, S)
+    s, t = {m: rec.out["s" + m] for m in "ab"}, {m: rec.out["t" + m] for m in "ab"}
+    c0 = {k: v.numpy() for k, v in before.centres.named_buffers()}
+    with torch.no_grad():
+        for x, y in (("a", "b"), ("b", "a")):
+            srch = reference_search(before.teachers[y], t[y]["g1"], s[x]["query"], n).numpy()
+            tau, tau_c, lam = S[x]["tau"][epoch], S["tau_cross"][epoch], cfg[f"lam_{x}"]
+            ref = {"L_sm": ref_dino(s[x]["m"], t[x]["m"], c0[f"sm_{x}"], tau),
+                   "L_st": ref_dino(s[x]["t"], t[x]["t"], c0[f"st_{x}"], tau),
+                   "L_cm": ref_dino(s[x]["m"], t[y]["m"], c0[f"cm_{x}"], tau_c),
+                   "L_ct": ref_cross_entropy(s[x]["t"][2 * B:], srch, tau_c)}
+            for k, v in ref.items():
+                assert rec.terms[x][k].item() == pytest.approx(v, rel=1e-9), (x, k, epoch)
+            total = ref["L_sm"] + ref["L_st"] + lam * (ref["L_cm"] + ref["L_ct"])
+            assert rec.totals[x].item() == pytest.approx(total, rel=1e-9), (x, "total", epoch)
+            # the six centres: c <- 0.9 c + 0.1 mean of the teacher outputs of their term, after the loss
+            for term, out in (("sm", t[x]["m"]), ("st", t[x]["t"]), ("cm", t[y]["m"])):
+                expect = 0.9 * c0[f"{term}_{x}"] + 0.1 * out.numpy().mean(0, keepdims=True)
+                np.testing.assert_allclose(getattr(run.centres, f"{term}_{x}").numpy(), expect, rtol=1e-12,
+                                           err_msg=f"centre {term}_{x}")
+    assert values[:8].tolist() == [rec.terms[m][k].item() for m in "ab" for k in mokd.LOSS_NAMES]
+    for m in "ab":
+        # the optimiser's groups read the model's own schedule at this iteration; no decay on exempt groups
+        for sched, reg, lr, wd in rec.opt[m]["groups"]:
+            assert lr == S[m][sched][0][it] and wd == (S[m][sched][1][it] if reg else 0.0), (m, sched, reg)
+        # each gradient tensor clipped to the model's own clip; last layers frozen in epoch 0 only
+        names = {id(p): k for k, p in run.students[m].named_parameters()}
+        for pid, got in rec.opt[m]["grads"].items():
+            if epoch < cfg["freeze_last_layer"] and "last_layer" in names[pid]:
+                assert got is None, (m, names[pid])
+                continue
+            g = raw[m][pid]
+            expect = g * min(1.0, cfg[f"clip_grad_{m}"] / (g.norm().item() + 1e-6))
+            torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-15, msg=f"{m} {names[pid]}")
+        # the EMA: teacher <- m teacher + (1 - m) student, towards the updated student
+        mom = S["momentum"][it]
+        for (k, p_t0), p_t, p_s in zip(before.teachers[m].named_parameters(), run.teachers[m].parameters(),
+                                       run.students[m].parameters()):
+            torch.testing.assert_close(p_t, mom * p_t0 + (1 - mom) * p_s, rtol=1e-12, atol=1e-15, msg=f"{m} {k}")
+        moved = [k for (k, p0), p in zip(before.students[m].named_parameters(), run.students[m].parameters())
+                 if "last_layer" in k and p.requires_grad and not torch.equal(p0, p)]
+        assert bool(moved) == (epoch >= cfg["freeze_last_layer"]), (m, epoch, moved)
+
+
+def test_step_wiring_under_an_asymmetric_configuration():
+    """Two float64 steps of a heterogeneous pair (the frozen epoch, then the next): each of the eight terms, both
+    totals, the six centres, each group's lr and weight decay, the clipped gradients, the frozen last layers and the
+    EMA recomputed from the step's captured outputs by references that share no code with mokd.py's losses."""
+    cfg = make_cfg("resnet18", "vit_tiny", **ASYM)
+    run = float64_run(cfg)
+    S = distinct_schedules(cfg)
+    rec = StepRecorder(run)
+    for e in (0, 1):
+        crops = [c.double() for c in make_crops(seed=10 + e)]
+        check_one_step(run, rec, crops, e, e, S, cfg)
+
+
+def test_swapping_everything_of_a_and_b_swaps_the_terms_and_totals():
+    """Run 2 is run 1 with A and B exchanged after one step: weights, optimiser states, lambdas, clips, temperatures,
+    schedules and centres. Two more steps give the same eight terms and two totals, exchanged, and the same states."""
+    cfg1 = make_cfg("resnet18", "vit_tiny", **ASYM)
+    cfg2 = make_cfg("vit_tiny", "resnet18", lam_a=0.2, lam_b=0.7, clip_grad_a=0.5, clip_grad_b=0.05,
+                    freeze_last_layer=1, drop_path=0.0)
+    assert cfg2["optimizer_a"] == cfg1["optimizer_b"] and cfg2["lam_b"] == cfg1["lam_a"]
+    run1, run2 = float64_run(cfg1, seed=1), float64_run(cfg2, seed=2)
+    S1 = distinct_schedules(cfg1)
+    S2 = {**S1, "a": S1["b"], "b": S1["a"]}
+    run1.step([c.double() for c in make_crops(seed=20)], 0, 0, S1)
+    swap = {"a": "b", "b": "a"}
+    for m in "ab":
+        for role in ("students", "teachers"):
+            getattr(run2, role)[m].load_state_dict(getattr(run1, role)[swap[m]].state_dict())
+        run2.opts[m].load_state_dict(copy.deepcopy(run1.opts[swap[m]].state_dict()))  # (load shares tensors)
+        for term in ("sm", "st", "cm"):
+            getattr(run2.centres, f"{term}_{m}").copy_(getattr(run1.centres, f"{term}_{swap[m]}"))
+    rec1, rec2 = StepRecorder(run1), StepRecorder(run2)
+    for seed in (21, 22):  # two steps of epoch 1 (iteration 1 of S)
+        crops = [c.double() for c in make_crops(seed=seed)]
+        run1.step(crops, 1, 1, S1)
+        run2.step(crops, 1, 1, S2)
+        for m in "ab":
+            assert rec1.totals[m].item() == pytest.approx(rec2.totals[swap[m]].item(), rel=1e-9), m
+            for k in mokd.LOSS_NAMES:
+                assert rec1.terms[m][k].item() == pytest.approx(rec2.terms[swap[m]][k].item(), rel=1e-9), (m, k)
+    for m in "ab":
+        for role in ("students", "teachers"):
+            own, other = getattr(run1, role)[m].state_dict(), getattr(run2, role)[swap[m]].state_dict()
+            for k in own:
+                torch.testing.assert_close(own[k], other[k], rtol=1e-9, atol=1e-12, msg=f"{role} {m} {k}")
+
+
+def term_reach(arch_a, arch_b):
+    """For each model X and term: the names of X's and of its partner's trainable parameters that the term's
+    gradient reaches (non-zero), and the names of the frozen ones, in float64."""
+    cfg = make_cfg(arch_a, arch_b, **ASYM)
+    run = float64_run(cfg)
+    for m in "ab":  # a teacher must not be reached even when its parameters could take a gradient
+        run.teachers[m].requires_grad_(True)
+    _, terms, _, _ = run.losses([c.double() for c in make_crops(seed=5)], 1, distinct_schedules(cfg))
+    reach, frozen = {}, {}
+    for x, y in (("a", "b"), ("b", "a")):
+        frozen[x] = {k for k, p in run.students[x].named_parameters() if not p.requires_grad}
+        named = [(who + k, p) for who, m in (("", x), ("partner.", y), ("teacher.", x), ("teacher.partner.", y))
+                 for k, p in (run.students if "teacher" not in who else run.teachers)[m].named_parameters()
+                 if p.requires_grad]
+        for term in mokd.LOSS_NAMES:
+            grads = torch.autograd.grad(terms[x][term], [p for _, p in named], retain_graph=True, allow_unused=True)
+            reach[x, term] = {k for (k, _), g in zip(named, grads) if g is not None and g.abs().sum() > 0}
+    return run, reach, frozen
+
+
+@pytest.mark.parametrize("pair", [("resnet18", "vit_tiny"), ("vit_tiny", "resnet18")])
+def test_each_term_reaches_exactly_its_own_students_parts(pair):
+    """L_sm and L_cm reach X's backbone and MLP head, L_st and L_ct X's backbone and T-head: every trainable
+    parameter there and nothing else (not the partner, not a teacher, not the other head). Frozen parameters are
+    exactly the MLP head's weight norm of a model with norm_last_layer (the CNN by default): any other is reported."""
+    run, reach, frozen = term_reach(*pair)
+    for x in "ab":
+        names = {k for k, _ in run.students[x].named_parameters()}
+        expect_frozen = {"head.last_layer.parametrizations.weight.original0"} if run.cfg[f"norm_last_layer_{x}"] else set()
+        assert frozen[x] == expect_frozen, f"model {x}: frozen {sorted(frozen[x] - expect_frozen)}, " \
+                                           f"trainable {sorted(expect_frozen - frozen[x])}"
+        for term, head in (("L_sm", "head."), ("L_cm", "head."), ("L_st", "thead."), ("L_ct", "thead.")):
+            expect = {k for k in names - frozen[x] if k.startswith(("backbone.", head))}
+            missing, extra = sorted(expect - reach[x, term]), sorted(reach[x, term] - expect)
+            assert not missing and not extra, f"model {x} {term}: not reached {missing[:5]}, reached {extra[:5]}"
 
 
 def test_benchmark_mode_prints_json(capsys, tmp_path):
