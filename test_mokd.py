@@ -1767,3 +1767,84 @@ def test_resize_pos_embed_unchanged_grid_and_dtypes():
     assert mokd.resize_pos_embed(pos, (7, 7), (7, 7)) is pos
     assert mokd.resize_pos_embed(pos.bfloat16(), (7, 7), (3, 3)).dtype == torch.bfloat16
     assert mokd.resize_pos_embed(pos, (7, 7), (3, 3)).dtype == torch.float32
+
+
+# ==== Issue 27: the authors' k-NN feature, protocols named in the JSON, helpers of authors_parity.py ====
+def write_backbone(path, arch, seed=0):
+    """A backbone file as `eval_linear.py --export` writes it (16 px, patch 4), random weights; returns the model."""
+    torch.manual_seed(seed)
+    bb = mokd.build_backbone(arch, {"stem": "cifar", "patch_size": 4, "global_crop_size": 16}).eval()
+    state = (bb.net if arch in mokd.RESNETS else bb).state_dict()
+    meta = {"arch": arch, "patch_size": 4, "stem": "cifar", "image_size": 16, "source": "test", "which": "teacher"}
+    torch.save({"state_dict": state, "meta": meta}, path)
+    return bb
+
+
+def test_feature_spec_defaults_are_the_authors_knn_and_dinos_probe():
+    knn, probe = (eval_linear.feature_spec("vit_small", 384, p) for p in ("knn", "linear"))
+    assert (knn["blocks"], knn["avgpool_patchtokens"], knn["dim"]) == (1, False, 384)  # final CLS
+    assert (probe["blocks"], probe["avgpool_patchtokens"], probe["dim"]) == (4, False, 4 * 384)
+    base = eval_linear.feature_spec("vit_base", 768, "linear")
+    assert (base["blocks"], base["avgpool_patchtokens"], base["dim"]) == (1, True, 2 * 768)
+    assert eval_linear.feature_spec("vit_base", 768, "knn")["avgpool_patchtokens"] is False
+    assert eval_linear.feature_spec("vit_tiny", 192, "knn", 2, True)["dim"] == 3 * 192  # explicit flags win
+    r = eval_linear.feature_spec("resnet18", 512, "knn")
+    assert r == eval_linear.feature_spec("resnet18", 512, "linear") and "pooling" in r and r["dim"] == 512
+
+
+def test_spec_columns_pick_the_final_cls_out_of_the_probe_feature():
+    D = 3
+    knn = eval_linear.feature_spec("vit_tiny", D, "knn")
+    probe = eval_linear.feature_spec("vit_tiny", D, "linear")
+    assert eval_linear.spec_columns(knn, probe, D) == [9, 10, 11]  # the last of 4 CLS tokens
+    with_avg = eval_linear.feature_spec("vit_tiny", D, "linear", 4, True)
+    assert eval_linear.spec_columns(knn, with_avg, D) == [9, 10, 11]
+    assert eval_linear.spec_columns(with_avg, knn, D) is None  # a wider feature is not inside a narrower one
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny", "resnet18"])
+def test_knn_default_feature_is_the_final_cls_or_pooled_and_the_json_names_it(arch, tmp_path, capsys, monkeypatch):
+    bb = write_backbone(tmp_path / "bb.pth", arch)
+    seen = []  # the features k-NN receives
+
+    def knn_classify(train_f, train_y, test_f, test_y, *args):
+        seen.append((train_f, test_f))
+        return original(train_f, train_y, test_f, test_y, *args)
+    original = eval_linear.knn_classify
+    monkeypatch.setattr(eval_linear, "knn_classify", knn_classify)
+    train, val = make_folder(tmp_path / "train", 4), make_folder(tmp_path / "val", 2, seed=1)
+    common = ["--backbone", str(tmp_path / "bb.pth"), "--train-path", train, "--val-path", val, "--num-workers", "0",
+              "--device", "cpu", "--batch-size-per-gpu", "5", "--nb-knn", "1", "3", "--output-dir",
+              str(tmp_path / "out")]
+    eval_linear.main(common + ["--knn"])
+    res = last_json(capsys.readouterr().out)
+    saved = json.load(open(tmp_path / "out" / f"eval_knn_backbone_{arch}.json"))
+    assert saved == res and res["knn_temperature"] == 0.07
+    tf = eval_linear.eval_transform(16)
+    feats = []
+    for folder in (train, val):  # the authors' feature: final CLS after the norm (ViT), pooled map (ResNet)
+        ds = torchvision.datasets.ImageFolder(folder, transform=tf)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        with torch.no_grad():
+            feats.append((bb(x)[0], torch.tensor(ds.targets)))
+    for got, want in zip(seen[0], (feats[0][0], feats[1][0])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    expected = original(feats[0][0], feats[0][1], feats[1][0], feats[1][1], ks=(1, 3), num_classes=3)
+    assert {k: v["top1"] for k, v in res["knn"].items()} == {str(k): round(v[0], 3) for k, v in expected.items()}
+    if arch == "vit_tiny":
+        assert res["knn_feature"] == {"backbone": "vit_tiny", "tokens": "CLS after the final norm", "blocks": 1,
+                                      "avgpool_patchtokens": False, "dim": 192}
+    else:
+        assert res["knn_feature"]["pooling"] and res["knn_feature"]["dim"] == 512
+    eval_linear.main(common + ["--knn", "--cached-features", "--epochs", "2", "--lr", "0.5"])
+    both = last_json(capsys.readouterr().out)
+    assert both["knn"] == res["knn"] and both["knn_feature"] == res["knn_feature"]  # sliced from the probe feature
+    probe = both["linear"]
+    assert probe["feature"]["dim"] == (4 * 192 if arch == "vit_tiny" else 512)
+    assert (probe["base_lr"], probe["lr"], probe["epochs"], probe["batch_size_per_gpu"], probe["global_batch"]) == (
+        0.5, 0.5 * 5 / 256, 2, 5, 5)
+    if arch == "vit_tiny":
+        eval_linear.main(common + ["--knn", "--n-last-blocks", "4"])  # an explicit flag: DINO's probe feature
+        four = last_json(capsys.readouterr().out)
+        assert four["knn_feature"]["blocks"] == 4 and four["knn_feature"]["dim"] == 4 * 192
+        assert seen[-1][0].shape[1] == 4 * 192
