@@ -100,7 +100,7 @@ class RandomGaussianBlur:
         self.p = p
 
     def __call__(self, img):
-        if torch.rand(()) >= self.p:
+        if torch.rand(()).item() > self.p:  # blurs when u <= p, DINO's test (a float64 comparison)
             return img
         return img.filter(ImageFilter.GaussianBlur(radius=0.1 + 1.9 * torch.rand(()).item()))
 
