@@ -303,7 +303,7 @@ def import_authors(authors_dir):
                                  vits=sys.modules["backbones.vision_transformer"])
 
 
-def authors_args(A, arch_vit, batch, n_local, out_dim, epochs, global_px=224):
+def authors_args(A, arch_vit, batch, n_local, out_dim, epochs):
     """The authors' arguments: the pre-training command of their README, at this script's sizes."""
     argv = ["--arch_cnn", "resnet18", "--arch_vit", arch_vit, "--out_dim", str(out_dim), "--norm_last_layer", "False",
             "--clip_grad_cnn", "3", "--clip_grad_vit", "3", "--freeze_last_layer", "1", "--optimizer", "sgd",
@@ -313,19 +313,18 @@ def authors_args(A, arch_vit, batch, n_local, out_dim, epochs, global_px=224):
             "--local_crops_number", str(n_local), "--global_crops_scale", "0.25", "1",
             "--local_crops_scale", "0.05", "0.25", "--momentum_teacher", "0.996", "--num_workers", "0",
             "--batch_size_per_gpu", str(batch), "--epochs", str(epochs), "--lamda_t", "0.1", "--lamda_c", "1.0",
-            "--input_size", str(global_px), "--seed", "0", "--output_dir", tempfile.gettempdir()]
+            "--input_size", "224", "--seed", "0", "--output_dir", tempfile.gettempdir()]
     return A.main.get_args_parser().parse_args(argv)
 
 
-def our_config(mokd, arch_vit, batch, n_local, out_dim, epochs, global_px=224, local_px=96):
+def our_config(mokd, arch_vit, batch, n_local, out_dim, epochs):
     """mokd.py's config: the authors' ImageNet recipe at this script's sizes, fp32 on the CPU (a plain dict).
     Keys set here: arch_a, arch_b, out_dim, batch_size_per_gpu, local_crops_number, epochs, device, precision;
     CONFIG_PAIRS lists the keys compared with the authors' arguments."""
     argv = ["--recipe", "imagenet", "--arch-a", "resnet18", "--arch-b", arch_vit, "--out-dim", str(out_dim),
             "--batch-size-per-gpu", str(batch), "--local-crops-number", str(n_local), "--epochs", str(epochs),
             "--device", "cpu", "--precision", "fp32", "--warmup-epochs", "10", "--warmup-teacher-temp-epochs-a", "50",
-            "--warmup-teacher-temp-epochs-b", "30", "--cross-warmup-teacher-temp-epochs", "30",  # the authors' warm-ups
-            "--global-crop-size", str(global_px), "--local-crop-size", str(local_px)]
+            "--warmup-teacher-temp-epochs-b", "30", "--cross-warmup-teacher-temp-epochs", "30"]  # the authors' warm-ups
     return mokd.parse_config(argv)
 
 
@@ -822,6 +821,8 @@ class AuthorsRun:
             enter(patched(nn.Module, "cuda", lambda module, device=None: module))
             enter(patched(torch.Tensor, "cuda", lambda tensor, *args, **kwargs: tensor))
             enter(patched(torch.cuda, "synchronize", lambda device=None: None))
+            # their logger averages the logged meters over processes at an epoch's end in CUDA tensors: skipped
+            enter(patched(A.utils.MetricLogger, "synchronize_between_processes", lambda logger: None))
             stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
             # observers
             enter(patched(A.main, "train_one_epoch", self.observe_epoch(A.main.train_one_epoch)))
@@ -1120,7 +1121,7 @@ def build_parser():
     p.add_argument("--batch", type=int, default=4, help="images per step (and process)")
     p.add_argument("--local-crops", type=int, default=2, help="local crops per image")
     p.add_argument("--crop-px", type=int, nargs=2, default=[224, 96], metavar=("GLOBAL", "LOCAL"),
-                   help="crop sizes of the step (their input_size is GLOBAL; a multiple of 32)")
+                   help="crop sizes of the step (both models are built for 224 px either way)")
     p.add_argument("--out-dim", type=int, default=256, help="K")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops (their initial weights use theirs, 0)")
     p.add_argument("--per-tensor", action="store_true", help="also one row per tensor under per-tensor rows")
@@ -1141,9 +1142,6 @@ def step_parity(args, mokd=None, A=None):
             not 0 <= args.epoch < args.epoch + args.run_epochs <= args.epochs:
         raise ParityError("need --steps >= 1, --batch >= 2, --local-crops >= 1, --run-epochs >= 1 and "
                           "0 <= --epoch < --epoch + --run-epochs <= --epochs")
-    if args.crop_px[0] % 32:
-        raise ParityError(f"--crop-px {args.crop_px[0]}: the global crop size must be a multiple of 32 (their "
-                          "CNN's T-head is built for input_size // 32)")
     gpx, lpx = args.crop_px
     t_start = time.perf_counter()
     mokd = mokd or load_mokd(args.mokd)
@@ -1151,8 +1149,10 @@ def step_parity(args, mokd=None, A=None):
     A = A or import_authors(args.authors_dir)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    their_args = authors_args(A, args.arch_vit, args.batch, args.local_crops, args.out_dim, args.epochs, gpx)
-    cfg = our_config(mokd, args.arch_vit, args.batch, args.local_crops, args.out_dim, args.epochs, gpx, lpx)
+    # both models are built for 224 px (their input_size, our global crop size); other crop sizes go through both
+    # codes' position-embedding interpolation, as their 96 px local crops do
+    their_args = authors_args(A, args.arch_vit, args.batch, args.local_crops, args.out_dim, args.epochs)
+    cfg = our_config(mokd, args.arch_vit, args.batch, args.local_crops, args.out_dim, args.epochs)
     shapes = our_shapes(mokd, cfg)
     pairs = {}
     for m in "ab":
@@ -1185,9 +1185,8 @@ def step_parity(args, mokd=None, A=None):
     for m in "ab":
         live = theirs64.live_fingerprints[m]
         stored = AUTHORS_FINGERPRINTS.get(args.arch_vit, {}).get(m)
-        same_setup = (args.out_dim == FINGERPRINT_SETUP["out_dim"] and gpx == FINGERPRINT_SETUP["global_px"])
-        note = ("matches the stored one" if live == stored else f"stored: {stored}") if same_setup else \
-            "(other K or size)"
+        same_setup = (args.out_dim == FINGERPRINT_SETUP["out_dim"])
+        note = ("matches the stored one" if live == stored else f"stored: {stored}") if same_setup else "(other K)"
         print(f"name map, model {m.upper()}: {len(pairs[m])} entries, each mapped both ways; their state dict: "
               f"{live[0]} entries,\n  fingerprint {live[1]} {note}")
 
