@@ -1212,7 +1212,8 @@ def step_parity(args, mokd=None, A=None):
     for step in range(n_iter):
         rows = table_rows(step, reference, runs, args.per_tensor)
         equal, n, scaled, worst, worst_rel, ratio_row, ratio = summary(rows)
-        all_equal &= equal == n
+        expected = [label for label, r in rows if rank > 0 and "BatchNorm buffers" in label and verdict(r) != "equal"]
+        all_equal &= equal + len(expected) == n
         epoch = args.epoch + step // args.steps
         if args.all_steps or step == n_iter - 1 or any(verdict(r) != "equal" for _, r in rows):
             print_table(f"step {step + 1} of {n_iter} (epoch {epoch}, iteration "
@@ -1220,9 +1221,15 @@ def step_parity(args, mokd=None, A=None):
         print(f"step {step + 1}: float64 {equal} of {n} rows equal ({scaled} with a tolerance above {TOL_F64:.0e}); "
               f"closest to its tolerance:\n  {worst} (rel {fmt(worst_rel)});\n  largest ratio of our float32 rel "
               f"diff to theirs: {ratio:.1f} ({ratio_row})")
+        if expected:
+            print(f"  expected differences on process {rank}: {', '.join(expected)}. Running statistics only: their "
+                  "DDP-wrapped student (two forward calls a step) and ResNet teacher take rank 0's BatchNorm buffers "
+                  "before each forward, ours once a step and not the teacher's. Only rank 0's are saved, and there "
+                  "both agree; with SyncBatchNorm (CUDA) every rank holds the same statistics.")
     times["total"] = time.perf_counter() - t_start
     print("\nwall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    print("verdict: every quantity equal" if all_equal else "verdict: SOME QUANTITIES DIFFER (rows marked DIFFERS)")
+    print(("verdict: every quantity equal" + (" (or an expected difference, above)" if rank > 0 else ""))
+          if all_equal else "verdict: SOME QUANTITIES DIFFER (rows marked DIFFERS)")
     return all_equal
 
 
@@ -1666,19 +1673,14 @@ def their_knn(knn, A, arch, root, weights, state, ks, T, args):
             return out
         return load
 
-    class ReturnIndexDataset(knn.ReturnIndexDataset):
-        """Their dataset; `target`, which their pipeline reads and torchvision's ImageFolder calls `targets`."""
-        @property
-        def target(self):
-            return self.targets
-
     pg = tempfile.NamedTemporaryFile(prefix="authors_parity_pg_", delete=False).name
     os.remove(pg)
     dist.init_process_group("gloo", init_method=f"file://{pg}", rank=0, world_size=1)
     try:
         with contextlib.ExitStack() as stack:
             enter = stack.enter_context
-            enter(patched(knn, "ReturnIndexDataset", ReturnIndexDataset))
+            # their pipeline reads dataset.target, which torchvision's ImageFolder calls targets: an alias
+            enter(patched(knn.ReturnIndexDataset, "target", property(lambda dataset: dataset.targets)))
             enter(patched(knn.checkpoint_io, "load_pretrained_weights",
                           load_pretrained(knn.checkpoint_io.load_pretrained_weights)))
             enter(patched(nn.Module, "cuda", lambda module, device=None: module))
