@@ -1848,3 +1848,59 @@ def test_knn_default_feature_is_the_final_cls_or_pooled_and_the_json_names_it(ar
         four = last_json(capsys.readouterr().out)
         assert four["knn_feature"]["blocks"] == 4 and four["knn_feature"]["dim"] == 4 * 192
         assert seen[-1][0].shape[1] == 4 * 192
+
+
+def test_gaussian_blur_blurs_when_the_draw_is_at_most_p_as_dino():
+    img = Image.fromarray((np.arange(16 * 16 * 3) % 251).astype(np.uint8).reshape(16, 16, 3))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        u = torch.rand(()).item()
+        for p, blurred in ((u, True), (np.nextafter(u, 0), False)):  # DINO: random.random() <= p blurs
+            torch.manual_seed(seed)
+            out = mokd.RandomGaussianBlur(p)(img)
+            assert (np.asarray(out) != np.asarray(img)).any() == blurred
+
+
+def test_torch_random_stand_in_draws_torch_numbers_in_order():
+    torch.manual_seed(3)
+    expected = torch.rand(3).tolist()  # torch.rand(()) three times gives the same numbers
+    torch.manual_seed(3)
+    r = ap.TorchRandom()
+    got = [r.random(), r.uniform(0.1, 2.0), r.random()]
+    assert got == [expected[0], 0.1 + (2.0 - 0.1) * expected[1], expected[2]] and r.draws == 3
+
+
+def test_fixed_loader_serves_epochs_and_ends_after_the_last_batch():
+    batches = [[torch.full((2, 1), float(i))] for i in range(6)]
+    seen = []
+    loader = ap.FixedLoader(batches, None, lambda i: seen.append(("start", i)), lambda i: seen.append(("end", i)),
+                            per_epoch=3)
+    assert len(loader) == 3
+    assert [float(b[0][0][0, 0]) for b in loader] == [0.0, 1.0, 2.0]  # one epoch: a pass of their loop
+    with pytest.raises(ap.LoopEnded):
+        for crops, _ in loader:
+            pass
+    assert seen == [(w, i) for i in range(6) for w in ("start", "end")]
+
+
+def test_probe_iterations_cover_the_boundaries_and_stay_in_the_run():
+    ks = ap.probe_iterations(epochs=100, niter=50, warmup=10)
+    assert ks == sorted(set(ks)) and ks[0] == 0 and ks[-1] == 100 * 50 - 1
+    assert {499, 500, 501, 49, 50, 2500} <= set(ks) and all(0 <= k < 5000 for k in ks)
+
+
+def test_unvoted_share_counts_labels_without_a_vote_among_few_voted_classes():
+    train_f = torch.eye(3)  # three training images, classes 0, 1, 2
+    train_y = torch.tensor([0, 1, 2])
+    test_f = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    test_y = torch.tensor([2, 1])  # k=1: image 0's label 2 gets no vote (1 class voted); image 1's gets one
+    assert ap.unvoted_share(train_f, train_y, test_f, test_y, 1, 0.07, 6) == 50.0
+
+
+def test_parity_script_parts_and_flags():
+    p = ap.build_parser()
+    args = p.parse_args(["--authors-dir", "x", "--all"])
+    assert args.all and args.run_epochs == 1 and args.crop_px == [224, 96] and args.eval_images == [200, 100]
+    assert set(ap.PART_NAMES) == {"step", "augmentation", "schedules", "boundary", "ddp", "evaluation"}
+    with pytest.raises(ap.ParityError, match="run-epochs"):
+        ap.step_parity(p.parse_args(["--authors-dir", "x", "--epoch", "99", "--run-epochs", "2"]))
