@@ -1904,3 +1904,31 @@ def test_parity_script_parts_and_flags():
     assert set(ap.PART_NAMES) == {"step", "augmentation", "schedules", "boundary", "ddp", "evaluation"}
     with pytest.raises(ap.ParityError, match="run-epochs"):
         ap.step_parity(p.parse_args(["--authors-dir", "x", "--epoch", "99", "--run-epochs", "2"]))
+
+
+def test_blur_draws_from_torch_have_dinos_distribution(monkeypatch):
+    """DEVIATION 8: our blur draws its decision and radius from torch's generator (float32), DINO's from Python's
+    random (float64): the same distributions (blur rate p, radius uniform in [0.1, 2.0])."""
+    import random
+    from PIL import ImageFilter
+    radii = []
+
+    class Recorder:
+        @staticmethod
+        def GaussianBlur(radius):
+            radii.append(radius)
+            return ImageFilter.BoxBlur(0)
+    monkeypatch.setattr(mokd, "ImageFilter", Recorder)
+    img = Image.new("RGB", (4, 4))
+    torch.manual_seed(0)
+    blur, n = mokd.RandomGaussianBlur(0.5), 20000
+    for _ in range(n):
+        blur(img)
+    rng = random.Random(0)  # DINO's GaussianBlur: random.random() <= p, then random.uniform(0.1, 2.0)
+    theirs = [rng.uniform(0.1, 2.0) for _ in range(n) if rng.random() <= 0.5]
+    assert abs(len(radii) - len(theirs)) < 8 * math.sqrt(n * 0.25)  # both ~ Binomial(n, 0.5)
+    ours_sorted, theirs_sorted = np.sort(radii), np.sort(theirs)
+    grid = np.linspace(0.1, 2.0, 50)
+    ks = np.max(np.abs(np.searchsorted(ours_sorted, grid) / len(ours_sorted) -
+                       np.searchsorted(theirs_sorted, grid) / len(theirs_sorted)))
+    assert ks < 0.03 and 0.1 <= min(radii) and max(radii) <= 2.0  # two-sample KS distance

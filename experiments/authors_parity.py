@@ -1356,6 +1356,9 @@ def augmentation_part(args, mokd, A):
                          f"the same state after both: {rng_same} of {n}; their blur / solarisation drew {draws} "
                          "numbers through the stand-in", "equal" if equal_images == n and rng_same == n else
                          "DIFFERS"))
+    rows.append(("blur and solarisation draws", "theirs from Python's random (float64, a stream per worker), ours "
+                 "from torch's generator (float32, seeded per image): DEVIATION 8, same distributions (test_mokd.py: "
+                 "test_blur_draws_from_torch_have_dinos_distribution); here both drew torch's numbers", "expected"))
     counts = part_table("augmentation: their DINODataAugmentation (their random module's draws routed through "
                         "torch's generator) vs our MultiCropAugmentation + normalise", rows)
     return counts[2] == 0
