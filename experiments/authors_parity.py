@@ -1,4 +1,7 @@
-"""One MOKD training step of mokd.py, compared quantity by quantity with the authors' own code.
+"""mokd.py and eval_linear.py against the authors' own code: the training step, augmentation, schedules, evaluation.
+
+One training step quantity by quantity, and (--all) the augmentation, the schedules of whole runs, an epoch boundary,
+two processes and the k-NN evaluation.
 
 The authors' code is github.com/skyoux/mokd at commit AUTHORS_COMMIT. This script imports it from a checkout (it holds
 none of it), builds their models with their train() and runs their training loop unchanged for a few iterations,
@@ -19,16 +22,40 @@ error (against their float64 run) beside theirs, the noise scale.
     python experiments/authors_parity.py --authors-dir ../authors-mokd --steps 3        # centres, moments in use
     python experiments/authors_parity.py --authors-dir ../authors-mokd --epoch 0 --steps 2   # frozen last layers
     python experiments/authors_parity.py --authors-dir ../authors-mokd --mokd /tmp/changed/mokd.py
+    python experiments/authors_parity.py --authors-dir ../authors-mokd --all            # the step, then every part
+    python experiments/authors_parity.py --authors-dir ../authors-mokd --part evaluation --eval-linear /tmp/e.py
+
+Parts of --all (section 9), each printing its rows and verdict; the last line is the verdict over all:
+  step          the step as configured by the options above.
+  augmentation  their DINODataAugmentation (their class, built with their arguments) and our MultiCropAugmentation +
+                normalise on the same images (sizes and colour modes; each side's loader too) and seeds, for the
+                ImageNet recipe and the CIFAR recipe's sizes (set on their three crop transforms, which hard-code 224 /
+                96 px): bit-identical crops, torch's generator in the same state after both. Their blur and
+                solarisation draw from Python's random: a stand-in for the `random` name of their preprocessing
+                module routes those draws through torch's generator, in their order.
+  schedules     every schedule array of whole ImageNet-recipe runs as their train() builds them (lr and weight decay of
+                both models, teacher momentum, the teacher temperature of each of their seven loss objects) against
+                build_schedules, at global batches 256 and 1024 and 50, 100 and 300 epochs; the lr and weight decay
+                per tensor that their train_one_epoch and our Run.step set, at probed iterations; a 20-epoch run, which
+                their code cannot build, as expected differences (our clamp).
+  boundary      the step over 2 epochs of 3 steps from epoch 0 (the frozen epoch ends between them), 64 / 32 px.
+  ddp           the step in two processes (torchrun --nproc_per_node=2, gloo), DistributedDataParallel on both sides,
+                each process with its own crops; every rank's table.
+  evaluation    their eval_knn.py's extract_feature_pipeline and knn_classifier (called) and eval_linear.py --knn (its
+                defaults) on identical backbone weights (resnet18, the ViT) and images: features, top-1 and top-5 at
+                k = 10, 20, 100, 200 (top-5 differs where their classifier ranks classes without a vote, DINO#89).
 
 Stand-ins replace only what cannot run on a CPU or without the authors' data: the dataset and DataLoader (fixed
-random crops), the distributed set-up (a one-process gloo group, DistributedDataParallel as a plain wrapper, BatchNorm
-left unsynchronised: the same numbers with one process), .cuda() and torch.cuda.synchronize(), the checkpoint restart
-(it sets the start epoch, and the float32 run's initial weights) and the tensorboard writer. At import, three timm
-names their ViT file imports (none of them used) and torchvision's removed resnet.model_urls are stubbed when missing.
-Their drop_path draws the masks in their float64 run (wrapped, not changed); the other three runs replay them.
-Not covered: fp16 autocast with grad scalers, several processes (SyncBatchNorm, all-reduces), the augmentations.
+random crops), the distributed set-up (a one-process gloo group, DistributedDataParallel as a plain wrapper, or under
+torchrun the real one without GPU ids; BatchNorm left unsynchronised), .cuda() and torch.cuda.synchronize(), their
+logger's end-of-epoch sync of logged averages (CUDA tensors), the checkpoint restart (it sets the start epoch, and the
+float32 run's initial weights), their per-epoch checkpoints (a temporary folder) and the tensorboard writer. At import,
+three timm names their ViT file imports (none of them used) and torchvision's removed resnet.model_urls are stubbed
+when missing; their eval_knn.py runs with ImagenetLoader (undefined there) defined, and its dataset's `.target` read as
+ImageFolder's `.targets`. Their drop_path draws the masks in their float64 run (wrapped, not changed); the other three
+runs replay them. Not covered: fp16 autocast with grad scalers, SyncBatchNorm and nccl (CUDA), more than two processes.
 Sections: 1 constants and the name map | 2 loading both codes | 3 records and comparison | 4 shared randomness |
-5 the authors' run | 6 our run | 7 the table | 8 main.
+5 the authors' run | 6 our run | 7 the table | 8 the step | 9 the other parts.
 """
 import argparse
 import contextlib
