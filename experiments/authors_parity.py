@@ -1792,36 +1792,49 @@ def eval_rows(ours, theirs, knn, ks, T):
     return rows
 
 
-def run_parts(args):
-    """--all (the step as configured, then every other part) or --part NAME; the last line: the verdict over all."""
-    mokd = load_mokd(args.mokd)
-    A = import_authors(args.authors_dir)
-    parts = PART_NAMES if args.all else (args.part,)
-    functions = {"step": lambda: step_parity(args, mokd, A), "augmentation": augmentation_part,
-                 "schedules": schedules_part, "boundary": boundary_part, "ddp": ddp_part,
-                 "evaluation": evaluation_part}
+def run_parts(args, argv):
+    """--part NAME: that part in this process. --all: each part in a process of its own (its memory is returned
+    before the next starts), the step with the options given; the last line is the verdict over all parts."""
+    import subprocess
+    if not args.all:
+        mokd = load_mokd(args.mokd)
+        A = import_authors(args.authors_dir)
+        functions = {"step": lambda: step_parity(args, mokd, A), "augmentation": augmentation_part,
+                     "schedules": schedules_part, "boundary": boundary_part, "ddp": ddp_part,
+                     "evaluation": evaluation_part}
+        t = time.perf_counter()
+        f = functions[args.part]
+        ok = f() if args.part == "step" else f(args, mokd, A)
+        print(f"part {args.part}: {'every row equal (or an expected difference)' if ok else 'DIFFERS'} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        return 0 if ok else 1
+    rest = [a for a in argv if a != "--all"]
     results, times = {}, {}
-    for name in parts:
+    for name in PART_NAMES:
         print(f"\n{'=' * 30} part: {name} {'=' * 30}", flush=True)
         t = time.perf_counter()
-        f = functions[name]
-        results[name] = f() if name == "step" else f(args, mokd, A)
+        rc = subprocess.run([sys.executable, os.path.abspath(__file__), *rest, "--part", name]).returncode
         times[name] = time.perf_counter() - t
-        print(f"part {name}: {'every row equal (or an expected difference)' if results[name] else 'DIFFERS'} "
-              f"({times[name]:.0f} s)", flush=True)
-    print("\nparts: " + ", ".join(f"{k} {'equal' if v else 'DIFFERS'} ({times[k]:.0f} s)" for k, v in results.items()))
+        results[name] = rc == 0
+        if rc not in (0, 1):
+            print(f"part {name} failed: exit status {rc} (its error is above)", flush=True)
+    print("\nparts: " + ", ".join(f"{k} {'equal' if v else 'DIFFERS'} ({times[k]:.0f} s)" for k, v in results.items())
+          + f"; total {sum(times.values()) / 60:.1f} min")
     bad = [k for k, v in results.items() if not v]
     print(f"verdict over all parts: {'every part equal' if not bad else 'DIFFERS in ' + ', '.join(bad)}")
     return 0 if not bad else 1
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.ddp_worker:
         return ddp_worker(args)
     if not (args.all or args.part):
         return 0 if step_parity(args) else 1
-    return run_parts(args)
+    if args.all and args.part:
+        raise ParityError("give --all or --part, not both")
+    return run_parts(args, argv)
 
 
 if __name__ == "__main__":
