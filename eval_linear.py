@@ -51,10 +51,11 @@ def build_parser():
     a("--nb-knn", type=mokd.positive_int, nargs="+", default=[10, 20, 100, 200], help="k values")
     a("--temperature", type=mokd.temperature, default=0.07, help="k-NN vote weights exp(similarity / T)")
     a("--cached-features", action="store_true", help="linear probe on features extracted once, without augmentation")
-    a("--n-last-blocks", type=mokd.positive_int, help="ViT: concatenate the CLS tokens of the last n blocks "
-      "(default 4 for vit_tiny and vit_small, 1 for vit_base)")
-    a("--avgpool-patchtokens", type=mokd.boolean, help="ViT: append the mean patch token (default: true for vit_base "
-      "only)")
+    a("--n-last-blocks", type=mokd.positive_int, help="ViT: concatenate the CLS tokens of the last n blocks, for "
+      "k-NN and probe (default: k-NN 1, the final CLS, as DINO's and the authors' eval_knn.py; probe 4 for vit_tiny "
+      "and vit_small, 1 for vit_base, as DINO's eval_linear.py)")
+    a("--avgpool-patchtokens", type=mokd.boolean, help="ViT: append the mean patch token, for k-NN and probe "
+      "(default: true for a vit_base probe only)")
     a("--epochs", type=mokd.positive_int, default=100, help="linear-probe epochs")
     a("--lr", type=mokd.non_negative, help="base lr of the linear probe, scaled by global batch / 256 (default: "
       "0.01 for a ResNet, 0.001 for a ViT)")
@@ -120,6 +121,32 @@ def last_blocks(vit, x, n):
         if i >= len(vit.blocks) - n:
             kept.append(vit.norm(x))
     return kept
+
+
+def feature_spec(arch, dim, protocol, n_last_blocks=None, avgpool=None):
+    """The frozen feature a protocol ("knn" or "linear") uses, as the result JSON names it. ResNet: the last stage
+    average-pooled (dim C). ViT: k-NN the final block's CLS token after the norm (DINO's and the authors'
+    eval_knn.py); linear probe the CLS tokens of the last 4 blocks (vit_base: 1, plus the mean patch token), DINO's
+    eval_linear.py. n_last_blocks / avgpool given (not None) replace either default. dim: the backbone's width."""
+    if arch in mokd.RESNETS:
+        return {"backbone": arch, "pooling": "average of the last stage's map", "dim": dim}
+    is_base = arch == "vit_base"
+    n = n_last_blocks or (1 if protocol == "knn" or is_base else 4)
+    avg = (protocol == "linear" and is_base) if avgpool is None else avgpool
+    return {"backbone": arch, "tokens": "CLS after the final norm", "blocks": n, "avgpool_patchtokens": avg,
+            "dim": dim * (n + avg)}
+
+
+def spec_columns(sub, spec, width):
+    """Columns of a feature `spec` holding the feature `sub` (both from feature_spec), or None when it lacks them.
+    width: the backbone's width D. A ViT feature is [CLS of block L-n+1, .., CLS of block L, (mean patch token)]."""
+    if "blocks" not in spec:
+        return list(range(spec["dim"])) if sub == spec else None
+    if sub["blocks"] > spec["blocks"] or (sub["avgpool_patchtokens"] and not spec["avgpool_patchtokens"]):
+        return None
+    end = spec["blocks"] * width
+    return list(range(end - sub["blocks"] * width, end)) + (list(range(end, end + width))
+                                                            if sub["avgpool_patchtokens"] else [])
 
 
 def feature_fn(bb, arch, n_last_blocks, avgpool):
@@ -229,8 +256,13 @@ def accuracy(logits, y):
     return round(100.0 * h1 / len(y), 3), None if h5 is None else round(100.0 * h5 / len(y), 3)
 
 
-def probe_result(best, last):
-    return {"best_top1": best[0], "best_top5": best[1], "last_top1": last[0], "last_top5": last[1]}
+def probe_result(best, last, feature, base_lr, lr, args, world, augmentation):
+    """The probe's accuracies and its protocol: feature (feature_spec), lr (base and scaled by global batch / 256),
+    epochs, batch, augmentation; SGD momentum 0.9, no weight decay, cosine lr to 0."""
+    return {"best_top1": best[0], "best_top5": best[1], "last_top1": last[0], "last_top5": last[1],
+            "feature": feature, "base_lr": base_lr, "lr": lr, "epochs": args.epochs,
+            "batch_size_per_gpu": args.batch_size_per_gpu, "global_batch": args.batch_size_per_gpu * world,
+            "augmentation": augmentation}
 
 
 def make_linear(dim, num_classes):
@@ -335,14 +367,14 @@ def evaluate(args):
     rank, world, device = mokd.setup_distributed(cfg0)
     bb, cfg, source = load_backbone(args)
     arch, size = cfg["arch"], cfg["global_crop_size"]
-    is_base = arch == "vit_base"
-    n_last = args.n_last_blocks or (1 if is_base else 4)
-    avgpool = is_base if args.avgpool_patchtokens is None else args.avgpool_patchtokens
-    if arch in mokd.VITS and not 1 <= n_last <= len(bb.blocks):
-        raise MOKDError(f"--n-last-blocks must lie in [1, {len(bb.blocks)}], got {n_last}")
+    if arch in mokd.VITS and args.n_last_blocks and args.n_last_blocks > len(bb.blocks):
+        raise MOKDError(f"--n-last-blocks must lie in [1, {len(bb.blocks)}], got {args.n_last_blocks}")
     bb = bb.to(device)
     bb.requires_grad_(False)
-    feat = feature_fn(bb, arch, n_last, avgpool)
+    spec = {p: feature_spec(arch, bb.embed_dim, p, args.n_last_blocks, args.avgpool_patchtokens)
+            for p in ("knn", "linear")}
+    extracted = spec["knn"] if args.knn and not args.cached_features else spec["linear"]  # one extraction
+    feat = feature_fn(bb, arch, extracted.get("blocks"), extracted.get("avgpool_patchtokens"))
     before = checksum(bb)
     tf_eval = eval_transform(size)
     if args.train_path is None:  # a demo checkpoint: held-out synthetic images, apart from the training images
@@ -380,22 +412,29 @@ def evaluate(args):
                 if k > len(train_f):
                     print(f"warning: --nb-knn {k} exceeds the {len(train_f)} training images: that k votes with all "
                           f"{len(train_f)} (reported as k_used)", file=sys.stderr, flush=True)
-            res = knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
+            cols = spec_columns(spec["knn"], extracted, bb.embed_dim)  # k-NN + cached probe: one extraction
+            if cols is None:
+                raise MOKDError("this k-NN feature is not part of the probe's: give --knn and --cached-features in "
+                                "two calls")
+            knn_f = [f[:, cols].contiguous() if len(cols) < f.shape[1] else f for f in (train_f, val_f)]
+            res = knn_classify(*(x.to(device) for x in (knn_f[0], train_y, knn_f[1], val_y)), args.nb_knn,
                                args.temperature, C)
+            result["knn_feature"], result["knn_temperature"] = spec["knn"], args.temperature
             result["knn"] = {str(k): {"top1": round(a, 3), "top5": b if b is None else round(b, 3),
                                       "k_used": min(k, len(train_f))}
                              for k, (a, b) in res.items()}
     if args.cached_features:
         if rank == 0:
             lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr, device)
-            result["linear"] = probe_result(*acc)
+            result["linear"] = probe_result(*acc, spec["linear"], base_lr, lr, args, world, "none (cached features)")
     if not (args.knn or args.cached_features):
         aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
         train_aug = mokd.open_images(args.train_path, "--train-path", "train", args.data_root, aug)
         lin, *acc = train_linear_full(feat, train_aug, (val_f, val_y), args, lr, device,
                                       rank, world, C, val_f.shape[1])
-        result["linear"] = probe_result(*acc)
+        result["linear"] = probe_result(*acc, spec["linear"], base_lr, lr, args, world,
+                                        "RandomResizedCrop + horizontal flip")
     if checksum(bb) != before:
         raise MOKDError("the frozen backbone changed during evaluation (checksum mismatch): this is a bug")
     result["backbone_unchanged"] = True
@@ -419,6 +458,11 @@ def print_table(r):
     if "linear" in r:
         rows += [("linear best", r["linear"]["best_top1"], r["linear"]["best_top5"]),
                  ("linear last", r["linear"]["last_top1"], r["linear"]["last_top5"])]
+    for what, f in (("k-NN", r.get("knn_feature")), ("probe", r.get("linear", {}).get("feature"))):
+        if f:
+            print(f"{what} feature: " + (f"{f['pooling']}" if "pooling" in f else f"{f['tokens']} of the last "
+                  f"{f['blocks']} block(s){' + mean patch token' if f['avgpool_patchtokens'] else ''}") +
+                  f", dim {f['dim']}")
     print(f"{'protocol':<14}{'top-1':>8}{'top-5':>8}")
     for name, a, b in rows:
         print(f"{name:<14}{a:>8.2f}{'-' if b is None else f'{b:.2f}':>8}")

@@ -100,7 +100,7 @@ class RandomGaussianBlur:
         self.p = p
 
     def __call__(self, img):
-        if torch.rand(()) >= self.p:
+        if torch.rand(()).item() > self.p:  # DEVIATION: torch's draws, not Python's random (README 8); u <= p blurs
             return img
         return img.filter(ImageFilter.GaussianBlur(radius=0.1 + 1.9 * torch.rand(()).item()))
 

@@ -2048,3 +2048,168 @@ def test_resize_pos_embed_unchanged_grid_and_dtypes():
     assert mokd.resize_pos_embed(pos, (7, 7), (7, 7)) is pos
     assert mokd.resize_pos_embed(pos.bfloat16(), (7, 7), (3, 3)).dtype == torch.bfloat16
     assert mokd.resize_pos_embed(pos, (7, 7), (3, 3)).dtype == torch.float32
+
+
+# ==== Issue 27: the authors' k-NN feature, protocols named in the JSON, helpers of authors_parity.py ====
+def write_backbone(path, arch, seed=0):
+    """A backbone file as `eval_linear.py --export` writes it (16 px, patch 4), random weights; returns the model."""
+    torch.manual_seed(seed)
+    bb = mokd.build_backbone(arch, {"stem": "cifar", "patch_size": 4, "global_crop_size": 16}).eval()
+    state = (bb.net if arch in mokd.RESNETS else bb).state_dict()
+    meta = {"arch": arch, "patch_size": 4, "stem": "cifar", "image_size": 16, "source": "test", "which": "teacher"}
+    torch.save({"state_dict": state, "meta": meta}, path)
+    return bb
+
+
+def test_feature_spec_defaults_are_the_authors_knn_and_dinos_probe():
+    knn, probe = (eval_linear.feature_spec("vit_small", 384, p) for p in ("knn", "linear"))
+    assert (knn["blocks"], knn["avgpool_patchtokens"], knn["dim"]) == (1, False, 384)  # final CLS
+    assert (probe["blocks"], probe["avgpool_patchtokens"], probe["dim"]) == (4, False, 4 * 384)
+    base = eval_linear.feature_spec("vit_base", 768, "linear")
+    assert (base["blocks"], base["avgpool_patchtokens"], base["dim"]) == (1, True, 2 * 768)
+    assert eval_linear.feature_spec("vit_base", 768, "knn")["avgpool_patchtokens"] is False
+    assert eval_linear.feature_spec("vit_tiny", 192, "knn", 2, True)["dim"] == 3 * 192  # explicit flags win
+    r = eval_linear.feature_spec("resnet18", 512, "knn")
+    assert r == eval_linear.feature_spec("resnet18", 512, "linear") and "pooling" in r and r["dim"] == 512
+
+
+def test_spec_columns_pick_the_final_cls_out_of_the_probe_feature():
+    D = 3
+    knn = eval_linear.feature_spec("vit_tiny", D, "knn")
+    probe = eval_linear.feature_spec("vit_tiny", D, "linear")
+    assert eval_linear.spec_columns(knn, probe, D) == [9, 10, 11]  # the last of 4 CLS tokens
+    with_avg = eval_linear.feature_spec("vit_tiny", D, "linear", 4, True)
+    assert eval_linear.spec_columns(knn, with_avg, D) == [9, 10, 11]
+    assert eval_linear.spec_columns(with_avg, knn, D) is None  # a wider feature is not inside a narrower one
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny", "resnet18"])
+def test_knn_default_feature_is_the_final_cls_or_pooled_and_the_json_names_it(arch, tmp_path, capsys, monkeypatch):
+    bb = write_backbone(tmp_path / "bb.pth", arch)
+    seen = []  # the features k-NN receives
+
+    def knn_classify(train_f, train_y, test_f, test_y, *args):
+        seen.append((train_f, test_f))
+        return original(train_f, train_y, test_f, test_y, *args)
+    original = eval_linear.knn_classify
+    monkeypatch.setattr(eval_linear, "knn_classify", knn_classify)
+    train, val = make_folder(tmp_path / "train", 4), make_folder(tmp_path / "val", 2, seed=1)
+    common = ["--backbone", str(tmp_path / "bb.pth"), "--train-path", train, "--val-path", val, "--num-workers", "0",
+              "--device", "cpu", "--batch-size-per-gpu", "5", "--nb-knn", "1", "3", "--output-dir",
+              str(tmp_path / "out")]
+    eval_linear.main(common + ["--knn"])
+    res = last_json(capsys.readouterr().out)
+    saved = json.load(open(tmp_path / "out" / f"eval_knn_backbone_{arch}.json"))
+    assert saved == res and res["knn_temperature"] == 0.07
+    tf = eval_linear.eval_transform(16)
+    feats = []
+    for folder in (train, val):  # the authors' feature: final CLS after the norm (ViT), pooled map (ResNet)
+        ds = torchvision.datasets.ImageFolder(folder, transform=tf)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        with torch.no_grad():
+            feats.append((bb(x)[0], torch.tensor(ds.targets)))
+    for got, want in zip(seen[0], (feats[0][0], feats[1][0])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    expected = original(feats[0][0], feats[0][1], feats[1][0], feats[1][1], ks=(1, 3), num_classes=3)
+    assert {k: v["top1"] for k, v in res["knn"].items()} == {str(k): round(v[0], 3) for k, v in expected.items()}
+    if arch == "vit_tiny":
+        assert res["knn_feature"] == {"backbone": "vit_tiny", "tokens": "CLS after the final norm", "blocks": 1,
+                                      "avgpool_patchtokens": False, "dim": 192}
+    else:
+        assert res["knn_feature"]["pooling"] and res["knn_feature"]["dim"] == 512
+    eval_linear.main(common + ["--knn", "--cached-features", "--epochs", "2", "--lr", "0.5"])
+    both = last_json(capsys.readouterr().out)
+    assert both["knn"] == res["knn"] and both["knn_feature"] == res["knn_feature"]  # sliced from the probe feature
+    probe = both["linear"]
+    assert probe["feature"]["dim"] == (4 * 192 if arch == "vit_tiny" else 512)
+    assert (probe["base_lr"], probe["lr"], probe["epochs"], probe["batch_size_per_gpu"], probe["global_batch"]) == (
+        0.5, 0.5 * 5 / 256, 2, 5, 5)
+    if arch == "vit_tiny":
+        eval_linear.main(common + ["--knn", "--n-last-blocks", "4"])  # an explicit flag: DINO's probe feature
+        four = last_json(capsys.readouterr().out)
+        assert four["knn_feature"]["blocks"] == 4 and four["knn_feature"]["dim"] == 4 * 192
+        assert seen[-1][0].shape[1] == 4 * 192
+
+
+def test_gaussian_blur_blurs_when_the_draw_is_at_most_p_as_dino():
+    img = Image.fromarray((np.arange(16 * 16 * 3) % 251).astype(np.uint8).reshape(16, 16, 3))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        u = torch.rand(()).item()
+        for p, blurred in ((u, True), (np.nextafter(u, 0), False)):  # DINO: random.random() <= p blurs
+            torch.manual_seed(seed)
+            out = mokd.RandomGaussianBlur(p)(img)
+            assert (np.asarray(out) != np.asarray(img)).any() == blurred
+
+
+def test_torch_random_stand_in_draws_torch_numbers_in_order():
+    torch.manual_seed(3)
+    expected = torch.rand(3).tolist()  # torch.rand(()) three times gives the same numbers
+    torch.manual_seed(3)
+    r = ap.TorchRandom()
+    got = [r.random(), r.uniform(0.1, 2.0), r.random()]
+    assert got == [expected[0], 0.1 + (2.0 - 0.1) * expected[1], expected[2]] and r.draws == 3
+
+
+def test_fixed_loader_serves_epochs_and_ends_after_the_last_batch():
+    batches = [[torch.full((2, 1), float(i))] for i in range(6)]
+    seen = []
+    loader = ap.FixedLoader(batches, None, lambda i: seen.append(("start", i)), lambda i: seen.append(("end", i)),
+                            per_epoch=3)
+    assert len(loader) == 3
+    assert [float(b[0][0][0, 0]) for b in loader] == [0.0, 1.0, 2.0]  # one epoch: a pass of their loop
+    with pytest.raises(ap.LoopEnded):
+        for crops, _ in loader:
+            pass
+    assert seen == [(w, i) for i in range(6) for w in ("start", "end")]
+
+
+def test_probe_iterations_cover_the_boundaries_and_stay_in_the_run():
+    ks = ap.probe_iterations(epochs=100, niter=50, warmup=10)
+    assert ks == sorted(set(ks)) and ks[0] == 0 and ks[-1] == 100 * 50 - 1
+    assert {499, 500, 501, 49, 50, 2500} <= set(ks) and all(0 <= k < 5000 for k in ks)
+
+
+def test_unvoted_share_counts_labels_without_a_vote_among_few_voted_classes():
+    train_f = torch.eye(3)  # three training images, classes 0, 1, 2
+    train_y = torch.tensor([0, 1, 2])
+    test_f = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    test_y = torch.tensor([2, 1])  # k=1: image 0's label 2 gets no vote (1 class voted); image 1's gets one
+    assert ap.unvoted_share(train_f, train_y, test_f, test_y, 1, 0.07, 6) == 50.0
+
+
+def test_parity_script_parts_and_flags():
+    p = ap.build_parser()
+    args = p.parse_args(["--authors-dir", "x", "--all"])
+    assert args.all and args.run_epochs == 1 and args.crop_px == [224, 96] and args.eval_images == [200, 100]
+    assert set(ap.PART_NAMES) == {"step", "augmentation", "schedules", "boundary", "ddp", "evaluation"}
+    with pytest.raises(ap.ParityError, match="run-epochs"):
+        ap.step_parity(p.parse_args(["--authors-dir", "x", "--epoch", "99", "--run-epochs", "2"]))
+
+
+def test_blur_draws_from_torch_have_dinos_distribution(monkeypatch):
+    """DEVIATION 8: our blur draws its decision and radius from torch's generator (float32), DINO's from Python's
+    random (float64): the same distributions (blur rate p, radius uniform in [0.1, 2.0])."""
+    import random
+    from PIL import ImageFilter
+    radii = []
+
+    class Recorder:
+        @staticmethod
+        def GaussianBlur(radius):
+            radii.append(radius)
+            return ImageFilter.BoxBlur(0)
+    monkeypatch.setattr(mokd, "ImageFilter", Recorder)
+    img = Image.new("RGB", (4, 4))
+    torch.manual_seed(0)
+    blur, n = mokd.RandomGaussianBlur(0.5), 20000
+    for _ in range(n):
+        blur(img)
+    rng = random.Random(0)  # DINO's GaussianBlur: random.random() <= p, then random.uniform(0.1, 2.0)
+    theirs = [rng.uniform(0.1, 2.0) for _ in range(n) if rng.random() <= 0.5]
+    assert abs(len(radii) - len(theirs)) < 8 * math.sqrt(n * 0.25)  # both ~ Binomial(n, 0.5)
+    ours_sorted, theirs_sorted = np.sort(radii), np.sort(theirs)
+    grid = np.linspace(0.1, 2.0, 50)
+    ks = np.max(np.abs(np.searchsorted(ours_sorted, grid) / len(ours_sorted) -
+                       np.searchsorted(theirs_sorted, grid) / len(theirs_sorted)))
+    assert ks < 0.03 and 0.1 <= min(radii) and max(radii) <= 2.0  # two-sample KS distance

@@ -1,4 +1,7 @@
-"""One MOKD training step of mokd.py, compared quantity by quantity with the authors' own code.
+"""mokd.py and eval_linear.py against the authors' own code: the training step, augmentation, schedules, evaluation.
+
+One training step quantity by quantity, and (--all) the augmentation, the schedules of whole runs, an epoch boundary,
+two processes and the k-NN evaluation.
 
 The authors' code is github.com/skyoux/mokd at commit AUTHORS_COMMIT. This script imports it from a checkout (it holds
 none of it), builds their models with their train() and runs their training loop unchanged for a few iterations,
@@ -19,16 +22,40 @@ error (against their float64 run) beside theirs, the noise scale.
     python experiments/authors_parity.py --authors-dir ../authors-mokd --steps 3        # centres, moments in use
     python experiments/authors_parity.py --authors-dir ../authors-mokd --epoch 0 --steps 2   # frozen last layers
     python experiments/authors_parity.py --authors-dir ../authors-mokd --mokd /tmp/changed/mokd.py
+    python experiments/authors_parity.py --authors-dir ../authors-mokd --all            # the step, then every part
+    python experiments/authors_parity.py --authors-dir ../authors-mokd --part evaluation --eval-linear /tmp/e.py
+
+Parts of --all (section 9), each printing its rows and verdict; the last line is the verdict over all:
+  step          the step as configured by the options above.
+  augmentation  their DINODataAugmentation (their class, built with their arguments) and our MultiCropAugmentation +
+                normalise on the same images (sizes and colour modes; each side's loader too) and seeds, for the
+                ImageNet recipe and the CIFAR recipe's sizes (set on their three crop transforms, which hard-code 224 /
+                96 px): bit-identical crops, torch's generator in the same state after both. Their blur and
+                solarisation draw from Python's random: a stand-in for the `random` name of their preprocessing
+                module routes those draws through torch's generator, in their order.
+  schedules     every schedule array of whole ImageNet-recipe runs as their train() builds them (lr and weight decay of
+                both models, teacher momentum, the teacher temperature of each of their seven loss objects) against
+                build_schedules, at global batches 256 and 1024 and 50, 100 and 300 epochs; the lr and weight decay
+                per tensor that their train_one_epoch and our Run.step set, at probed iterations; a 20-epoch run, which
+                their code cannot build, as expected differences (our clamp).
+  boundary      the step over 2 epochs of 3 steps from epoch 0 (the frozen epoch ends between them), 64 / 32 px.
+  ddp           the step in two processes (torchrun --nproc_per_node=2, gloo), DistributedDataParallel on both sides,
+                each process with its own crops; every rank's table.
+  evaluation    their eval_knn.py's extract_feature_pipeline and knn_classifier (called) and eval_linear.py --knn (its
+                defaults) on identical backbone weights (resnet18, the ViT) and images: features, top-1 and top-5 at
+                k = 10, 20, 100, 200 (top-5 differs where their classifier ranks classes without a vote, DINO#89).
 
 Stand-ins replace only what cannot run on a CPU or without the authors' data: the dataset and DataLoader (fixed
-random crops), the distributed set-up (a one-process gloo group, DistributedDataParallel as a plain wrapper, BatchNorm
-left unsynchronised: the same numbers with one process), .cuda() and torch.cuda.synchronize(), the checkpoint restart
-(it sets the start epoch, and the float32 run's initial weights) and the tensorboard writer. At import, three timm
-names their ViT file imports (none of them used) and torchvision's removed resnet.model_urls are stubbed when missing.
-Their drop_path draws the masks in their float64 run (wrapped, not changed); the other three runs replay them.
-Not covered: fp16 autocast with grad scalers, several processes (SyncBatchNorm, all-reduces), the augmentations.
+random crops), the distributed set-up (a one-process gloo group, DistributedDataParallel as a plain wrapper, or under
+torchrun the real one without GPU ids; BatchNorm left unsynchronised), .cuda() and torch.cuda.synchronize(), their
+logger's end-of-epoch sync of logged averages (CUDA tensors), the checkpoint restart (it sets the start epoch, and the
+float32 run's initial weights), their per-epoch checkpoints (a temporary folder) and the tensorboard writer. At import,
+three timm names their ViT file imports (none of them used) and torchvision's removed resnet.model_urls are stubbed
+when missing; their eval_knn.py runs with ImagenetLoader (undefined there) defined, and its dataset's `.target` read as
+ImageFolder's `.targets`. Their drop_path draws the masks in their float64 run (wrapped, not changed); the other three
+runs replay them. Not covered: fp16 autocast with grad scalers, SyncBatchNorm and nccl (CUDA), more than two processes.
 Sections: 1 constants and the name map | 2 loading both codes | 3 records and comparison | 4 shared randomness |
-5 the authors' run | 6 our run | 7 the table | 8 main.
+5 the authors' run | 6 our run | 7 the table | 8 the step | 9 the other parts.
 """
 import argparse
 import contextlib
@@ -37,6 +64,7 @@ import hashlib
 import importlib.util
 import inspect
 import io
+import json
 import math
 import os
 import sys
@@ -46,9 +74,11 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from PIL import Image
 
 # ======================================================================================
 # 1. Constants: the authors' commit and files, the name map, the fingerprints of their state dicts.
@@ -537,6 +567,12 @@ class OneProcessDDP(nn.Module):
         return self.module(*args, **kwargs)
 
 
+def cpu_ddp(ddp, module, device_ids=None, **kwargs):
+    """Stand-in for their DistributedDataParallel(module, device_ids=[gpu], ...) on a CPU: the real wrapper (gradient
+    all-reduce over gloo, buffers broadcast from rank 0), without the GPU ids a CPU module must not be given."""
+    return ddp(module, **kwargs)
+
+
 class FixedCrops(torch.utils.data.Dataset):
     """Stand-in for their ImageFolder: only its length is read (by their DistributedSampler)."""
 
@@ -551,21 +587,26 @@ class FixedCrops(torch.utils.data.Dataset):
 
 
 class FixedLoader:
-    """Stand-in for their DataLoader: serves the fixed batches ([crops], labels) in order, calls on_start before and
-    on_end after each iteration, then ends their loop (LoopEnded) instead of starting another epoch."""
+    """Stand-in for their DataLoader: serves the fixed batches ([crops], labels) in order, `per_epoch` per epoch
+    (one pass of their loop each), calls on_start before and on_end after each iteration (i counts across epochs),
+    then ends their loop (LoopEnded) instead of starting another epoch."""
 
-    def __init__(self, batches, sampler, on_start, on_end):
+    def __init__(self, batches, sampler, on_start, on_end, per_epoch=None):
         self.batches, self.sampler, self.on_start, self.on_end = batches, sampler, on_start, on_end
+        self.per_epoch, self.passes = per_epoch or len(batches), 0
 
     def __len__(self):
-        return len(self.batches)
+        return self.per_epoch
 
     def __iter__(self):
-        for i, crops in enumerate(self.batches):
+        first = self.passes * self.per_epoch
+        self.passes += 1
+        for i in range(first, first + self.per_epoch):
             self.on_start(i)
-            yield crops, torch.zeros(len(crops[0]), dtype=torch.long)
+            yield self.batches[i], torch.zeros(len(self.batches[i][0]), dtype=torch.long)
             self.on_end(i)  # runs when their loop asks for the next batch: the iteration is complete
-        raise LoopEnded
+            if i == len(self.batches) - 1:
+                raise LoopEnded
 
 
 def their_to_ours(model_pairs):
@@ -592,31 +633,38 @@ class AuthorsRun:
     """One run of the authors' train(args) over fixed batches, observed into a Record.
     init: {module key: state dict} to start from (the float64 run's initial weights), None for their own init."""
 
-    def __init__(self, A, args, batches, epoch, record, tape, pairs, shapes, init=None, check_names=False):
+    def __init__(self, A, args, batches, epoch, record, tape, pairs, shapes, init=None, check_names=False,
+                 per_epoch=None):
         self.A, self.args, self.batches, self.epoch, self.record, self.tape = A, args, batches, epoch, record, tape
+        self.per_epoch = per_epoch or len(batches)  # iterations per epoch (the batches may span several epochs)
         self.pairs, self.shapes, self.init, self.check_names = pairs, shapes, init, check_names
         self.to_ours = {m: their_to_ours(pairs[m]) for m in "ab"}
         self.step, self.hooks, self.counts, self.initial, self.problems = 0, [], {}, None, []
         self.live_fingerprints = {}  # model -> fingerprint of the authors' live student state dict
         self.log = io.StringIO()  # their printed output
-        self.pg_file = None
+        self.pg_file, self.o = None, None
 
     # ---- stand-ins ----
     def init_one_process(self, args):
-        """Stand-in for their init_distributed_mode: a one-process gloo group (their centre update all-reduces)."""
+        """Stand-in for their init_distributed_mode: a one-process gloo group (their centre update all-reduces), or
+        the group torchrun's processes already share (--ddp-worker)."""
+        if dist.is_initialized():
+            args.rank, args.gpu, args.world_size = dist.get_rank(), 0, dist.get_world_size()
+            return
         args.rank, args.gpu, args.world_size = 0, 0, 1
         self.pg_file = tempfile.NamedTemporaryFile(prefix="authors_parity_pg_", delete=False).name
         os.remove(self.pg_file)
         dist.init_process_group("gloo", init_method=f"file://{self.pg_file}", rank=0, world_size=1)
 
     def image_folder(self, root, transform=None):
-        return FixedCrops(len(self.batches) * len(self.batches[0][0]))
+        return FixedCrops(self.per_epoch * len(self.batches[0][0]) * (dist.get_world_size() if dist.is_initialized()
+                                                                      else 1))
 
     def data_loader(self, dataset, sampler=None, batch_size=None, **unused):
         if batch_size != len(self.batches[0][0]):
             raise ParityError(f"their batch size {batch_size} differs from the crops' {len(self.batches[0][0])}")
         batches = [[c.to(self.dtype) for c in crops] for crops in self.batches]
-        return FixedLoader(batches, sampler, self.on_start, self.on_end)
+        return FixedLoader(batches, sampler, self.on_start, self.on_end, self.per_epoch)
 
     def restart(self, ckpt_path, run_variables=None, **objects):
         """Stand-in for their checkpoint restart: the start epoch, and the initial weights when given."""
@@ -640,7 +688,7 @@ class AuthorsRun:
 
     def observe_epoch(self, original):
         def train_one_epoch(*args, **kwargs):
-            self.setup(inspect.signature(original).bind(*args, **kwargs).arguments)
+            self.setup(inspect.signature(original).bind(*args, **kwargs).arguments, first=self.o is None)
             try:
                 return original(*args, **kwargs)
             finally:
@@ -661,15 +709,16 @@ class AuthorsRun:
             return norms
         return clip_gradients
 
-    def setup(self, o):
-        """At their train_one_epoch: keep the objects, check the name map, keep the initial weights, add hooks."""
+    def setup(self, o, first=True):
+        """At their train_one_epoch: keep the objects, check the name map, keep the initial weights (first epoch
+        only), add hooks (removed at the end of each epoch)."""
         self.o = o
         self.models = {"a": {"student": o["student_cnn"].module, "teacher": o["teacher_cnn_without_ddp"]},
                        "b": {"student": o["student_vit"].module, "teacher": o["teacher_vit_without_ddp"]}}
         self.ddp_students = {"a": o["student_cnn"], "b": o["student_vit"]}
         self.opts = {"a": o["optimizer_cnn"], "b": o["optimizer_vit"]}
         for m in "ab":
-            for role, module in self.models[m].items():
+            for role, module in self.models[m].items() if first else ():
                 live = {k: tuple(v.shape) for k, v in module.state_dict().items()}
                 if self.check_names:
                     self.problems += check_against_authors(self.pairs[m], self.shapes[m], live, f"{m} {role}")
@@ -677,8 +726,9 @@ class AuthorsRun:
                         self.live_fingerprints[m] = fingerprint(live)
         if self.problems:
             raise ParityError("the name map does not match the authors' models:\n  " + "\n  ".join(self.problems))
-        self.initial = {key: {k: v.detach().clone() for k, v in self.models[m][role].state_dict().items()}
-                        for m in "ab" for role, key in zip(("student", "teacher"), MODULE_KEYS[m])}
+        if first:
+            self.initial = {key: {k: v.detach().clone() for k, v in self.models[m][role].state_dict().items()}
+                            for m in "ab" for role, key in zip(("student", "teacher"), MODULE_KEYS[m])}
         self.param_names = {m: {id(p): self.ours(m, k) for k, p in self.models[m]["student"].named_parameters()}
                             for m in "ab"}  # id -> (our name, layout)
         for m in "ab":
@@ -698,10 +748,11 @@ class AuthorsRun:
     def on_start(self, i):
         self.step, self.counts = i, {}
         self.tape.start_step(i)
-        it = len(self.batches) * self.epoch + i
+        epoch = self.epoch + i // self.per_epoch
+        it = self.per_epoch * epoch + i % self.per_epoch
         self.record.put(i, "EMA momentum m", float(self.o["momentum_schedule"][it]))
         losses = [self.o[k] for k in CENTRE_MAP.values()] + [self.o["loss_search_ct_fn"]]
-        self.record.put(i, "teacher temperatures", [float(f.teacher_temp_schedule[self.epoch]) for f in losses])
+        self.record.put(i, "teacher temperatures", [float(f.teacher_temp_schedule[epoch]) for f in losses])
         if i == 0:
             self.record.put(0, "recipe settings", [float(getattr(self.args, a)) for _, a in CONFIG_PAIRS])
 
@@ -790,10 +841,15 @@ class AuthorsRun:
             enter(patched(torch.utils.data, "DataLoader", self.data_loader))
             enter(patched(A.checkpoint_io, "restart_from_checkpoint", self.restart))
             enter(patched(nn.SyncBatchNorm, "convert_sync_batchnorm", staticmethod(lambda module, pg=None: module)))
-            enter(patched(nn.parallel, "DistributedDataParallel", OneProcessDDP))
+            enter(patched(nn.parallel, "DistributedDataParallel", OneProcessDDP if not dist.is_initialized() else
+                          functools.partial(cpu_ddp, nn.parallel.DistributedDataParallel)))
+            out_dir = enter(tempfile.TemporaryDirectory(prefix="authors_parity_out_"))  # their per-epoch checkpoints
+            enter(patched(self.args, "output_dir", out_dir))
             enter(patched(nn.Module, "cuda", lambda module, device=None: module))
             enter(patched(torch.Tensor, "cuda", lambda tensor, *args, **kwargs: tensor))
             enter(patched(torch.cuda, "synchronize", lambda device=None: None))
+            # their logger averages the logged meters over processes at an epoch's end in CUDA tensors: skipped
+            enter(patched(A.utils.MetricLogger, "synchronize_between_processes", lambda logger: None))
             stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
             # observers
             enter(patched(A.main, "train_one_epoch", self.observe_epoch(A.main.train_one_epoch)))
@@ -809,7 +865,7 @@ class AuthorsRun:
             except LoopEnded:
                 pass
             finally:
-                if dist.is_initialized():
+                if dist.is_initialized() and self.pg_file:  # the group init_one_process made (not torchrun's)
                     dist.destroy_process_group()
                 if self.pg_file and os.path.exists(self.pg_file):
                     os.remove(self.pg_file)
@@ -821,9 +877,10 @@ class AuthorsRun:
 class OurRun:
     """mokd.py's Run over the same batches from the authors' initial weights, observed into a Record."""
 
-    def __init__(self, mokd, cfg, batches, epoch, record, tape, pairs, init):
+    def __init__(self, mokd, cfg, batches, epoch, record, tape, pairs, init, per_epoch=None, world=1):
         self.mokd, self.cfg, self.batches, self.epoch, self.record, self.tape = mokd, cfg, batches, epoch, record, tape
-        self.pairs, self.init, self.step = pairs, init, 0
+        self.pairs, self.init, self.step, self.world = pairs, init, 0, world
+        self.per_epoch = per_epoch or len(batches)
         self.counts = {}
 
     def load_authors_weights(self, run):
@@ -843,7 +900,7 @@ class OurRun:
         with contextlib.ExitStack() as stack:
             enter = stack.enter_context
             enter(default_dtype(dtype))
-            run = mokd.Run(self.cfg, torch.device("cpu"), 1)
+            run = mokd.Run(self.cfg, torch.device("cpu"), self.world)
             self.load_authors_weights(run)
             self.run_obj = run
             self.names = {m: {id(p): k for k, p in mokd.unwrap(run.students[m]).named_parameters()} for m in "ab"}
@@ -860,22 +917,23 @@ class OurRun:
             enter(patched(mokd, "search", self.observe_search(mokd.search)))
             enter(patched(mokd, "clip_per_tensor", self.observe_clip(mokd.clip_per_tensor)))
             enter(patched(run, "losses", self.observe_losses(run.losses)))
-            S = mokd.build_schedules(self.cfg, len(self.batches), 1)
+            S = mokd.build_schedules(self.cfg, self.per_epoch, self.world)
             try:
                 for i, crops in enumerate(self.batches):
-                    it = len(self.batches) * self.epoch + i
-                    self.on_start(i, S, it)
-                    run.step([c.to(dtype) for c in crops], self.epoch, it, S)
+                    epoch = self.epoch + i // self.per_epoch
+                    it = self.per_epoch * epoch + i % self.per_epoch
+                    self.on_start(i, S, it, epoch)
+                    run.step([c.to(dtype) for c in crops], epoch, it, S)
                     self.on_end(i, run)
             finally:
                 for h in hooks:
                     h.remove()
 
-    def on_start(self, i, S, it):
+    def on_start(self, i, S, it, e):
         self.step, self.counts = i, {}
         self.tape.start_step(i)
         self.record.put(i, "EMA momentum m", float(S["momentum"][it]))
-        e, a, b, c = self.epoch, S["a"]["tau"], S["b"]["tau"], S["tau_cross"]
+        a, b, c = S["a"]["tau"], S["b"]["tau"], S["tau_cross"]
         self.record.put(i, "teacher temperatures", [float(v) for v in (a[e], a[e], c[e], b[e], b[e], c[e], c[e])])
         if i == 0:
             self.record.put(0, "recipe settings", [float(self.cfg[k]) for k, _ in CONFIG_PAIRS])
@@ -1069,7 +1127,7 @@ def summary(rows):
 
 
 # ======================================================================================
-# 8. Main.
+# 8. The step (as before: --steps, --epoch; also over several epochs and in torchrun's processes).
 # ======================================================================================
 def build_parser():
     here = Path(__file__).resolve().parent
@@ -1077,29 +1135,49 @@ def build_parser():
     p.add_argument("--authors-dir", required=True, help="checkout of github.com/skyoux/mokd (commit "
                    f"{AUTHORS_COMMIT[:7]})")
     p.add_argument("--mokd", default=str(here.parent / "mokd.py"), help="the mokd.py to check")
+    p.add_argument("--eval-linear", default=str(here.parent / "eval_linear.py"),
+                   help="the eval_linear.py to check (the evaluation part)")
     p.add_argument("--arch-vit", default="vit_tiny", choices=["vit_tiny", "vit_small"],
                    help="model B (model A is resnet18)")
-    p.add_argument("--steps", type=int, default=1, help="iterations (more than 1: centres, momentum and Adam "
-                   "moments in use)")
-    p.add_argument("--epoch", type=int, default=1, help="the epoch the iterations run in (0: frozen last layers)")
+    p.add_argument("--steps", type=int, default=1, help="iterations per epoch (more than 1: centres, momentum and "
+                   "Adam moments in use)")
+    p.add_argument("--epoch", type=int, default=1, help="the epoch the iterations start in (0: frozen last layers)")
+    p.add_argument("--run-epochs", type=int, default=1, help="epochs of --steps iterations each (2: across an "
+                   "epoch boundary)")
     p.add_argument("--epochs", type=int, default=100, help="run length (schedules); the authors' code needs >= 50")
-    p.add_argument("--batch", type=int, default=4, help="images per step")
-    p.add_argument("--local-crops", type=int, default=2, help="96 px local crops per image (global: 2 x 224 px)")
+    p.add_argument("--batch", type=int, default=4, help="images per step (and process)")
+    p.add_argument("--local-crops", type=int, default=2, help="local crops per image")
+    p.add_argument("--crop-px", type=int, nargs=2, default=[224, 96], metavar=("GLOBAL", "LOCAL"),
+                   help="crop sizes of the step (both models are built for 224 px either way)")
     p.add_argument("--out-dim", type=int, default=256, help="K")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops (their initial weights use theirs, 0)")
     p.add_argument("--per-tensor", action="store_true", help="also one row per tensor under per-tensor rows")
     p.add_argument("--all-steps", action="store_true", help="a full table for every step, not only the last")
+    p.add_argument("--aug-images", type=int, default=24, help="images of the augmentation part (sizes and modes "
+                   "cycle)")
+    p.add_argument("--eval-images", type=int, nargs=2, default=[200, 100], metavar=("TRAIN", "VAL"),
+                   help="images of the evaluation part (VAL >= 100: their classifier splits it in 100 chunks)")
+    p.add_argument("--part", choices=PART_NAMES, help="run one part of --all (step: the options above)")
+    p.add_argument("--all", action="store_true", help="the step as configured, then every other part")
+    p.add_argument("--ddp-worker", metavar="OUT", help=argparse.SUPPRESS)  # one torchrun process of part ddp
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.batch < 2 or args.local_crops < 1 or not 0 <= args.epoch < args.epochs:
-        raise ParityError("need --steps >= 1, --batch >= 2, --local-crops >= 1 and 0 <= --epoch < --epochs")
+def step_parity(args, mokd=None, A=None):
+    """The step's comparison as configured by args; prints its tables; True when every row is equal."""
+    if args.steps < 1 or args.batch < 2 or args.local_crops < 1 or args.run_epochs < 1 or \
+            not 0 <= args.epoch < args.epoch + args.run_epochs <= args.epochs:
+        raise ParityError("need --steps >= 1, --batch >= 2, --local-crops >= 1, --run-epochs >= 1 and "
+                          "0 <= --epoch < --epoch + --run-epochs <= --epochs")
+    gpx, lpx = args.crop_px
     t_start = time.perf_counter()
-    mokd = load_mokd(args.mokd)
+    mokd = mokd or load_mokd(args.mokd)
     status = check_authors_files(args.authors_dir)
-    A = import_authors(args.authors_dir)
+    A = A or import_authors(args.authors_dir)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # both models are built for 224 px (their input_size, our global crop size); other crop sizes go through both
+    # codes' position-embedding interpolation, as their 96 px local crops do
     their_args = authors_args(A, args.arch_vit, args.batch, args.local_crops, args.out_dim, args.epochs)
     cfg = our_config(mokd, args.arch_vit, args.batch, args.local_crops, args.out_dim, args.epochs)
     shapes = our_shapes(mokd, cfg)
@@ -1108,21 +1186,26 @@ def main(argv=None):
         pairs[m], problems = name_map(shapes[m])
         if problems:
             raise ParityError(f"the name map does not cover model {m.upper()}:\n  " + "\n  ".join(problems))
-    batches = make_batches(args.steps, args.batch, args.local_crops, 224, 96, args.seed)
+    n_iter = args.steps * args.run_epochs
+    batches = make_batches(n_iter, args.batch, args.local_crops, gpx, lpx, args.seed + 1000 * rank)
 
     print(f"mokd.py: {os.path.relpath(args.mokd)}")
     differing = {k: v for k, v in status.items() if v != "same"}
     print(f"authors' code: {args.authors_dir}; files against commit {AUTHORS_COMMIT[:7]}: "
           f"{'all same' if not differing else differing}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads" +
+          (f"; process {rank} of {world} (torchrun, gloo; its own crops)" if world > 1 else ""))
     print(f"pair: A = resnet18 (their cnn, SGD), B = {args.arch_vit}/16 (their vit, AdamW)")
-    print(f"batch {args.batch}, 2 x 224 + {args.local_crops} x 96 px crops, K {args.out_dim}; epoch {args.epoch}, "
-          f"{args.steps} step(s)")
+    span = (f"epoch {args.epoch}" if args.run_epochs == 1 else
+            f"epochs {args.epoch} to {args.epoch + args.run_epochs - 1}, {args.steps} step(s) each")
+    print(f"batch {args.batch}, 2 x {gpx} + {args.local_crops} x {lpx} px crops, K {args.out_dim}; {span}, "
+          f"{n_iter} step(s)")
 
     tape, times = DropPathTape(), {}
     reference = Record()
     t = time.perf_counter()
-    theirs64 = AuthorsRun(A, their_args, batches, args.epoch, reference, tape, pairs, shapes, check_names=True)
+    theirs64 = AuthorsRun(A, their_args, batches, args.epoch, reference, tape, pairs, shapes, check_names=True,
+                          per_epoch=args.steps)
     theirs64.run(torch.float64, record_masks=True)
     times["theirs, float64"] = time.perf_counter() - t
     init = theirs64.initial
@@ -1140,12 +1223,12 @@ def main(argv=None):
 
     runs = {"ours64": Record(reference), "ours32": Record(reference), "theirs32": Record(reference)}
     t = time.perf_counter()
-    AuthorsRun(A, their_args, batches, args.epoch, runs["theirs32"], tape, pairs, shapes, init=init).run(
-        torch.float32, record_masks=False)
+    AuthorsRun(A, their_args, batches, args.epoch, runs["theirs32"], tape, pairs, shapes, init=init,
+               per_epoch=args.steps).run(torch.float32, record_masks=False)
     times["theirs, float32"] = time.perf_counter() - t
     for name, dtype in (("ours64", torch.float64), ("ours32", torch.float32)):
         t = time.perf_counter()
-        OurRun(mokd, cfg, batches, args.epoch, runs[name], tape, pairs, init).run(dtype)
+        OurRun(mokd, cfg, batches, args.epoch, runs[name], tape, pairs, init, args.steps, world).run(dtype)
         times[f"ours, {'float64' if dtype == torch.float64 else 'float32'}"] = time.perf_counter() - t
 
     print("\ncolumns: f64 = our float64 run vs theirs. abs = max |difference|; rel = abs / max |their value|, per "
@@ -1153,20 +1236,605 @@ def main(argv=None):
           f"max({TOL_F64:.0e},\n  {NOISE_FACTOR:.0f} x 2^-29 x theirs32 rel), at most {TOL_CAP:.0e}. ours32 = our "
           "float32 run vs their float64 run;\n  theirs32 = their float32 run vs their float64 run (the noise scale).")
     all_equal = True
-    for step in range(args.steps):
+    for step in range(n_iter):
         rows = table_rows(step, reference, runs, args.per_tensor)
         equal, n, scaled, worst, worst_rel, ratio_row, ratio = summary(rows)
-        all_equal &= equal == n
-        if args.all_steps or step == args.steps - 1:
-            print_table(f"step {step + 1} of {args.steps} (epoch {args.epoch}, iteration "
-                        f"{args.steps * args.epoch + step})", rows)
+        expected = [label for label, r in rows if rank > 0 and "BatchNorm buffers" in label and verdict(r) != "equal"]
+        all_equal &= equal + len(expected) == n
+        epoch = args.epoch + step // args.steps
+        if args.all_steps or step == n_iter - 1 or any(verdict(r) != "equal" for _, r in rows):
+            print_table(f"step {step + 1} of {n_iter} (epoch {epoch}, iteration "
+                        f"{args.steps * epoch + step % args.steps})", rows)
         print(f"step {step + 1}: float64 {equal} of {n} rows equal ({scaled} with a tolerance above {TOL_F64:.0e}); "
               f"closest to its tolerance:\n  {worst} (rel {fmt(worst_rel)});\n  largest ratio of our float32 rel "
               f"diff to theirs: {ratio:.1f} ({ratio_row})")
+        if expected:
+            print(f"  expected differences on process {rank}: {', '.join(expected)}. Running statistics only: their "
+                  "DDP-wrapped student (two forward calls a step) and ResNet teacher take rank 0's BatchNorm buffers "
+                  "before each forward, ours once a step and not the teacher's. Only rank 0's are saved, and there "
+                  "both agree; with SyncBatchNorm (CUDA) every rank holds the same statistics.")
     times["total"] = time.perf_counter() - t_start
     print("\nwall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    print("verdict: every quantity equal" if all_equal else "verdict: SOME QUANTITIES DIFFER (rows marked DIFFERS)")
-    return 0 if all_equal else 1
+    print(("verdict: every quantity equal" + (" (or an expected difference, above)" if rank > 0 else ""))
+          if all_equal else "verdict: SOME QUANTITIES DIFFER (rows marked DIFFERS)")
+    return all_equal
+
+
+# ======================================================================================
+# 9. The other parts of --all: augmentation, run schedules, an epoch boundary, two processes, evaluation.
+# ======================================================================================
+PART_NAMES = ("step", "augmentation", "schedules", "boundary", "ddp", "evaluation")
+TOL_EXACT = 1e-12  # schedules: both codes compute them in float64 with numpy; equal means equal to rounding
+TOL_FEATURE = 1e-4  # evaluation: float32 features of two implementations (attention kernels differ)
+
+
+def part_table(title, rows):
+    """rows: [(label, value text, verdict)] with verdict "equal", "expected" or "DIFFERS"; prints them, returns
+    (equal, expected, differing) counts."""
+    print(f"\n{title}")
+    width = max([len(r[0]) for r in rows] + [8])
+    for label, text, v in rows:
+        print(f"{label:<{width}}  {v:<8} {text}")
+    counts = [sum(r[2] == v for r in rows) for v in ("equal", "expected", "DIFFERS")]
+    print(f"rows: {counts[0]} equal, {counts[1]} expected differences, {counts[2]} differ")
+    return counts
+
+
+def max_rel(ours, theirs):
+    """(max |a - b|, that / max |b|) of two arrays or numbers (inf when the shapes differ)."""
+    a, b = torch.as_tensor(ours, dtype=torch.float64), torch.as_tensor(theirs, dtype=torch.float64)
+    return tensor_diff(a, b)
+
+
+# ---- augmentation (item 1) ----
+class TorchRandom:
+    """Stand-in for the `random` module the authors' utils/preprocess.py imports (their GaussianBlur and
+    Solarization): random() and uniform(a, b) = a + (b - a) * random(), as Python's, each number drawn from torch's
+    global generator (torch.rand(()) as a Python float), so both pipelines consume the same numbers in the same
+    order. `draws` counts them."""
+
+    def __init__(self):
+        self.draws = 0
+
+    def random(self):
+        self.draws += 1
+        return torch.rand(()).item()
+
+    def uniform(self, a, b):
+        return a + (b - a) * self.random()
+
+
+AUG_MODES = ("RGB", "L", "RGBA", "P", "LA", "CMYK", "I;16", "1")
+
+
+def aug_images(folder, n, seed=0):
+    """n image files of different sizes and modes in folder: [(path, mode, (w, h))]."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(224, 224), (500, 375), (37, 53), (96, 300), (1024, 683), (64, 64), (300, 97), (250, 250)]
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        mode = AUG_MODES[i % len(AUG_MODES)]
+        rgb = (torch.rand(3, 1, 1, generator=g) * 255 * torch.linspace(0.2, 1, w).view(1, 1, w)
+               + torch.randint(0, 60, (3, h, w), generator=g)).clamp(0, 255).to(torch.uint8)
+        img = Image.fromarray(rgb.permute(1, 2, 0).numpy())
+        if mode == "I;16":
+            img = img.convert("L").point(lambda v: v * 257, "I").convert("I;16")  # 16-bit grey
+        elif mode != "RGB":
+            img = img.convert(mode)
+        path = os.path.join(folder, f"{i}_{mode.replace(';', '')}.{'jpg' if mode in ('CMYK',) else 'png'}")
+        img.save(path)
+        out.append((path, mode, (w, h)))
+    return out
+
+
+def augmentation_part(args, mokd, A):
+    """Item 1: their DINODataAugmentation and our MultiCropAugmentation on the same images and seeds."""
+    import torchvision
+    sys_random = importlib.import_module("utils.preprocess")
+    their_aug = importlib.import_module("augmentations.dino_augmentation")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="authors_parity_aug_") as folder:
+        files = aug_images(folder, args.aug_images)
+        loaded = {}
+        for path, mode, size in files:
+            theirs = torchvision.datasets.folder.pil_loader(path)  # what their ImageFolder reads
+            ours = mokd.read_rgb(path)
+            same = theirs.size == ours.size and torch.equal(torch.as_tensor(np.asarray(theirs)),
+                                                            torch.as_tensor(np.asarray(ours)))
+            loaded[path] = ours
+            if mode == "I;16":
+                rows.append((f"loader, {mode} {size[0]}x{size[1]}", "pil_loader clips 16-bit values to 255, our "
+                             "read_rgb scales by 255/65535 (README Deviations)", "equal" if same else "expected"))
+            else:
+                rows.append((f"loader, {mode} {size[0]}x{size[1]}", "their pil_loader and our read_rgb give the "
+                             "same RGB pixels" if same else "the RGB pixels differ", "equal" if same else "DIFFERS"))
+        for recipe in ("imagenet", "cifar10"):
+            r = mokd.RECIPES[recipe]
+            G, L, n_local = r["global_crop_size"], r["local_crop_size"], r["local_crops_number"]
+            theirs = their_aug.DINODataAugmentation(r["global_crops_scale"], r["local_crops_scale"], n_local)
+            # their class builds 224 / 96 px crops; the CIFAR recipe's sizes are set on its three crop transforms
+            for t, px in ((theirs.global_transfo1, G), (theirs.global_transfo2, G), (theirs.local_transfo, L)):
+                t.transforms[0].size = (px, px)
+            ours = mokd.MultiCropAugmentation(G, L, n_local, r["global_crops_scale"], r["local_crops_scale"])
+            mean, std = mokd.image_stats(torch.device("cpu"))
+            worst, equal_images, draws, rng_same = 0.0, 0, 0, 0
+            for k, (path, mode, size) in enumerate(files):
+                img = loaded[path]
+                stand_in = TorchRandom()
+                with torch.random.fork_rng(devices=[]), patched(sys_random, "random", stand_in), \
+                        warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.manual_seed(args.seed + k)
+                    a = theirs(img)
+                    state_a = torch.get_rng_state()
+                    torch.manual_seed(args.seed + k)
+                    b = mokd.normalise([c[None] for c in ours(img)], mean, std)
+                    state_b = torch.get_rng_state()
+                draws += stand_in.draws
+                rng_same += torch.equal(state_a, state_b)
+                diffs = [max_rel(y[0], x)[0] for x, y in zip(a, b)] if len(a) == len(b) else [math.inf]
+                worst = max([worst] + diffs)
+                equal_images += all(d == 0 for d in diffs)
+            n = len(files)
+            rows.append((f"{recipe}: 2 x {G} + {n_local} x {L} px, scales {tuple(r['global_crops_scale'])} "
+                         f"{tuple(r['local_crops_scale'])}", f"{equal_images} of {n} images: all {2 + n_local} "
+                         f"crops bit-identical after normalisation (max |diff| {fmt(worst)}); torch's generator in "
+                         f"the same state after both: {rng_same} of {n}; their blur / solarisation drew {draws} "
+                         "numbers through the stand-in", "equal" if equal_images == n and rng_same == n else
+                         "DIFFERS"))
+    rows.append(("blur and solarisation draws", "theirs from Python's random (float64, a stream per worker), ours "
+                 "from torch's generator (float32, seeded per image): DEVIATION 8, same distributions (test_mokd.py: "
+                 "test_blur_draws_from_torch_have_dinos_distribution); here both drew torch's numbers", "expected"))
+    counts = part_table("augmentation: their DINODataAugmentation (their random module's draws routed through "
+                        "torch's generator) vs our MultiCropAugmentation + normalise", rows)
+    return counts[2] == 0
+
+
+# ---- schedules of whole runs (item 2) ----
+class ProbeDone(Exception):
+    """Raised right after a loop has set its learning rates and weight decays for one iteration."""
+
+
+class ProbeImage:
+    def cuda(self, *args, **kwargs):
+        raise ProbeDone
+
+
+class OneIteration:
+    """A loader of length 1: their train_one_epoch(epoch=k) then reads its schedules at iteration 1 * k + 0 = k."""
+
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        yield [ProbeImage()], None
+
+
+class LengthOnly:
+    """Stand-in for their DataLoader where only its length (iterations per epoch) is read."""
+
+    def __init__(self, n, sampler):
+        self.n, self.sampler = n, sampler
+
+    def __len__(self):
+        return self.n
+
+
+class ScheduleRun(AuthorsRun):
+    """Their train(args) up to their train_one_epoch, with a loader of `niter` iterations per epoch: keeps their
+    bound arguments (schedules, loss objects, optimisers) and, per probed iteration k, the lr and weight decay per
+    tensor that their train_one_epoch sets (called with a loader of one iteration at epoch k, stopped right after)."""
+
+    def __init__(self, A, args, niter, probes, pairs, shapes):
+        super().__init__(A, args, [[torch.zeros(1)]], 0, Record(), DropPathTape(), pairs, shapes)
+        self.niter, self.probes, self.per_iteration = niter, probes, {}
+        self.dtype = torch.float32
+
+    def image_folder(self, root, transform=None):
+        return FixedCrops(self.niter * self.args.batch_size_per_gpu)
+
+    def data_loader(self, dataset, sampler=None, batch_size=None, **unused):
+        return LengthOnly(self.niter, sampler)
+
+    def observe_epoch(self, original):
+        def train_one_epoch(*args, **kwargs):
+            bound = inspect.signature(original).bind(*args, **kwargs)
+            self.setup(bound.arguments)
+            for h in self.hooks:
+                h.remove()
+            for k in self.probes:
+                bound.arguments.update(data_loader=OneIteration(), epoch=k)
+                try:
+                    original(*bound.args, **bound.kwargs)
+                except ProbeDone:
+                    pass
+                self.per_iteration[k] = {m: self.group_values(m) for m in "ab"}
+            raise LoopEnded
+        return train_one_epoch
+
+    def group_values(self, m):
+        params = self.their_params(m, self.opts[m])
+        return ({k: g["lr"] for k, _, _, g in params}, {k: g["weight_decay"] for k, _, _, g in params})
+
+
+def our_group_values(mokd, run, S, k):
+    """Our Run.step's lr and weight decay per tensor at iteration k (Run.step stopped after it sets them)."""
+    def stop(*args, **kwargs):
+        raise ProbeDone
+    with patched(run, "losses", stop):
+        try:
+            run.step(None, 0, k, S)
+        except ProbeDone:
+            pass
+    out = {}
+    for m in "ab":
+        names = {id(p): n for n, p in mokd.unwrap(run.students[m]).named_parameters()}
+        params = [(names[id(p)], g) for g in run.opts[m].param_groups for p in g["params"]]
+        out[m] = ({n: g["lr"] for n, g in params}, {n: g["weight_decay"] for n, g in params})
+    return out
+
+
+def as_f64(values):
+    """{name: number} -> {name: float64 0-d tensor} (snap would go through the default dtype, float32)."""
+    return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in values.items()}
+
+
+def probe_iterations(epochs, niter, warmup, seed=0):
+    """Iterations to probe: first, warm-up end, epoch boundaries around it, the middle, the last, and 12 drawn."""
+    total = epochs * niter
+    fixed = {0, 1, niter - 1, niter, warmup * niter - 1, warmup * niter, warmup * niter + 1, total // 2, total - 1}
+    g = torch.Generator().manual_seed(seed)
+    return sorted({k for k in fixed if 0 <= k < total} | set(torch.randint(0, total, (12,), generator=g).tolist()))
+
+
+SCHEDULE_PAIRS = (  # (row, the authors' bound argument of train_one_epoch, our schedule)
+    ("A lr, backbone and MLP head groups", "lr_schedule_cnn", ("a", "main", 0)),
+    ("A weight decay, regularised group", "wd_schedule_cnn", ("a", "main", 1)),
+    ("A lr, T-head group (their lr_schedule_vit)", "lr_schedule_vit", ("a", "thead", 0)),
+    ("A weight decay, T-head group (their wd_schedule_vit)", "wd_schedule_vit", ("a", "thead", 1)),
+    ("B lr, all groups", "lr_schedule_vit", ("b", "main", 0)),
+    ("B weight decay, regularised group", "wd_schedule_vit", ("b", "main", 1)),
+    ("B lr, T-head", "lr_schedule_vit", ("b", "thead", 0)),
+    ("B weight decay, T-head", "wd_schedule_vit", ("b", "thead", 1)),
+    ("teacher EMA momentum", "momentum_schedule", ("momentum",)),
+)
+TEMPERATURE_PAIRS = (("loss_cnn_fn", ("a", "tau")), ("loss_cnn_thead_fn", ("a", "tau")),
+                     ("loss_cnn_ct_fn", ("tau_cross",)), ("loss_vit_fn", ("b", "tau")),
+                     ("loss_vit_thead_fn", ("b", "tau")), ("loss_vit_ct_fn", ("tau_cross",)),
+                     ("loss_search_ct_fn", ("tau_cross",)))
+
+
+def our_schedule(S, path):
+    x = S
+    for key in path:
+        x = x[key]
+    return x
+
+
+def schedules_part(args, mokd, A):
+    """Item 2: every schedule array of whole runs from their train(), and the per-tensor values their loop sets at
+    probed iterations, against ours; runs shorter than their warm-ups as expected differences."""
+    n_images = 1281167  # ImageNet's training set: iterations per epoch = n_images // global batch (drop_last)
+    configs = [(256, 100), (256, 50), (1024, 100), (1024, 300), (256, 20)]
+    ok = True
+    for batch, epochs in configs:
+        niter = n_images // batch
+        their_args = authors_args(A, args.arch_vit, batch, args.local_crops, args.out_dim, epochs)
+        cfg = our_config(mokd, args.arch_vit, batch, args.local_crops, args.out_dim, epochs)
+        shapes = our_shapes(mokd, cfg)
+        pairs = {m: name_map(shapes[m])[0] for m in "ab"}
+        probes = probe_iterations(epochs, niter, cfg["warmup_epochs"])
+        S = mokd.build_schedules(cfg, niter, 1)
+        title = (f"schedules: ImageNet recipe, global batch {batch} ({niter} iterations per epoch), {epochs} epochs, "
+                 f"{epochs * niter} iterations")
+        rows = []
+        run = ScheduleRun(A, their_args, niter, probes, pairs, shapes)
+        try:
+            run.run(torch.float32, record_masks=False)
+        except Exception as e:  # their code cannot build a run shorter than a warm-up
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            short = [f"{w} {cfg[w]}" for w in ("warmup_epochs", "warmup_teacher_temp_epochs_a",
+                                               "warmup_teacher_temp_epochs_b") if cfg[w] > epochs]
+            rows.append(("their train()", f"stops: {failure}; ours clamps the warm-ups longer than the run "
+                         f"({', '.join(short)}) to the run (DEVIATION, README)", "expected" if short else "DIFFERS"))
+            for label, _, path in SCHEDULE_PAIRS:
+                rows.append((f"our {label}", f"{len(our_schedule(S, path))} values (their train() made none)",
+                             "expected" if short else "DIFFERS"))
+            ok &= part_table(title, rows)[2] == 0
+            continue
+        o = run.o
+        for label, theirs, path in SCHEDULE_PAIRS:
+            a, b = our_schedule(S, path), o[theirs]
+            d = max_rel(a, b) if len(a) == len(b) else (math.inf, math.inf)
+            rows.append((label, f"{len(b)} values, max |diff| {fmt(d[0])}, rel {fmt(d[1])}",
+                         "equal" if d[1] <= TOL_EXACT else "DIFFERS"))
+        for theirs, path in TEMPERATURE_PAIRS:
+            a, b = our_schedule(S, path), o[theirs].teacher_temp_schedule
+            d = max_rel(a, b) if len(a) == len(b) else (math.inf, math.inf)
+            rows.append((f"teacher temperature per epoch, their {theirs}", f"{len(b)} values, rel {fmt(d[1])}",
+                         "equal" if d[1] <= TOL_EXACT else "DIFFERS"))
+        with default_dtype(torch.float32):
+            ours_run = mokd.Run(cfg, torch.device("cpu"), 1)
+        worst = {"lr": (0.0, 0.0), "weight decay": (0.0, 0.0)}
+        for k in probes:
+            mine = our_group_values(mokd, ours_run, S, k)
+            for m in "ab":
+                for j, what in enumerate(("lr", "weight decay")):
+                    per = compare(as_f64(mine[m][j]), as_f64(run.per_iteration[k][m][j]))
+                    worst[what] = max(worst[what], reduce(per), key=lambda x: x[1])
+        for what, (d, rel) in worst.items():
+            rows.append((f"{what} per tensor set by the loop, both models", f"at {len(probes)} iterations (first, "
+                         f"warm-up end, epoch boundaries, last, 12 drawn): max |diff| {fmt(d)}, rel {fmt(rel)}",
+                         "equal" if rel <= TOL_EXACT else "DIFFERS"))
+        ok &= part_table(title, rows)[2] == 0
+    return ok
+
+
+def boundary_part(args, mokd, A):
+    """Item 2, the loop's indexing: 2 epochs of 3 steps from epoch 0 (the frozen epoch ends between them)."""
+    sub = build_parser().parse_args(["--authors-dir", args.authors_dir, "--mokd", args.mokd, "--steps", "3",
+                                     "--epoch", "0", "--run-epochs", "2", "--crop-px", "64", "32", "--batch", "2",
+                                     "--arch-vit", args.arch_vit, "--local-crops", "2", "--out-dim", str(args.out_dim),
+                                     "--seed", str(args.seed)])
+    print("\nan epoch boundary: 2 epochs of 3 steps from epoch 0 (last layers frozen in epoch 0), 64 / 32 px crops")
+    return step_parity(sub, mokd, A)
+
+
+# ---- two processes (item 3) ----
+def ddp_part(args, mokd, A):
+    """Item 3: the step in two processes under torchrun (gloo), each with its own crops; every rank's table."""
+    import subprocess
+    here = os.path.abspath(__file__)
+    with tempfile.TemporaryDirectory(prefix="authors_parity_ddp_") as tmp:
+        out = os.path.join(tmp, "rank")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", here,
+               "--ddp-worker", out, "--authors-dir", args.authors_dir, "--mokd", args.mokd, "--steps", "2",
+               "--epoch", "1", "--crop-px", "64", "32", "--batch", "2", "--local-crops", "2",
+               "--arch-vit", args.arch_vit, "--out-dim", str(args.out_dim), "--seed", str(args.seed)]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        print("\ntwo processes: torchrun --nproc_per_node=2 (gloo), 2 steps of epoch 1, batch 2 per process, 64 / 32 "
+              "px crops; each process compares its own four runs")
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        verdicts = []
+        for rank in range(2):
+            path = f"{out}.{rank}"
+            text = open(path).read() if os.path.exists(path) else ""
+            print(f"\n---- process {rank} ----\n{text}")
+            verdicts.append("verdict: every quantity equal" in text)
+        if r.returncode not in (0, 1) or not text:
+            print(f"torchrun exited with {r.returncode}; the end of its output:\n{(r.stdout + r.stderr)[-3000:]}")
+            return False
+    return all(verdicts)
+
+
+def ddp_worker(args):
+    """One torchrun process of ddp_part: the step with DDP-wrapped students on both sides; output to OUT.<rank>."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    with open(f"{args.ddp_worker}.{rank}", "w") as f, contextlib.redirect_stdout(f):
+        try:
+            ok = step_parity(args)
+        except Exception as e:
+            print(f"error: {type(e).__name__}: {e}")
+            raise
+        finally:
+            dist.barrier()
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+# ---- evaluation protocol (item 4) ----
+class ImagenetLoaderStandIn:
+    """Stand-in for ImagenetLoader, a name their eval_knn.py derives a class from at module level but never defines
+    (so the file cannot be imported as shipped); that class is not used here."""
+
+
+def load_authors_eval_knn(authors_dir):
+    """Their eval_knn.py executed unchanged as a module, with ImagenetLoader defined beforehand (timm is stubbed by
+    import_authors when missing). Returns the module."""
+    path = Path(authors_dir) / "eval_knn.py"
+    module = types.ModuleType("authors_eval_knn")
+    module.__file__ = str(path)
+    module.ImagenetLoader = ImagenetLoaderStandIn
+    exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
+    return module
+
+
+def eval_images(mokd, root, n_train, n_val, seed):
+    """<root>/train and <root>/val image folders of the demo's synthetic shapes (6 classes), 64 px PNGs."""
+    for split, n, s in (("train", n_train, seed + 1), ("val", n_val, seed + 2)):
+        shapes = mokd.SyntheticShapes(n, s, 64)
+        for i in range(n):
+            img, y = shapes[i]
+            os.makedirs(os.path.join(root, split, f"c{y}"), exist_ok=True)
+            img.save(os.path.join(root, split, f"c{y}", f"{i}.png"))
+
+
+def load_eval_linear(path):
+    spec = importlib.util.spec_from_file_location("eval_linear_checked", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def evaluation_part(args, mokd, A):
+    """Item 4: their eval_knn.py's extract_feature_pipeline and knn_classifier (called) and our eval_linear.py --knn
+    on identical backbone weights and images: features, top-1 and top-5 for k = 10, 20, 100, 200."""
+    ev = load_eval_linear(args.eval_linear)
+    knn = load_authors_eval_knn(args.authors_dir)
+    ks, T = (10, 20, 100, 200), 0.07
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="authors_parity_eval_") as tmp:
+        eval_images(mokd, tmp, args.eval_images[0], args.eval_images[1], args.seed)
+        for arch in ("resnet18", args.arch_vit):
+            torch.manual_seed(args.seed)
+            bb = mokd.build_backbone(arch, {"stem": "imagenet", "patch_size": 16, "global_crop_size": 224}).eval()
+            net = bb.net if arch in mokd.RESNETS else bb
+            meta = {"arch": arch, "patch_size": 16, "stem": "imagenet", "image_size": 224, "source": "random init",
+                    "which": "teacher"}
+            torch.save({"state_dict": net.state_dict(), "meta": meta}, os.path.join(tmp, "ours.pth"))
+            their_file = os.path.join(tmp, "theirs.pth")  # their loader's format: key "teacher", "backbone." names
+            torch.save({"teacher": {f"backbone.{k}": v for k, v in net.state_dict().items()}, "epoch": 0}, their_file)
+            theirs = their_knn(knn, A, arch, tmp, their_file, net.state_dict(), ks, T, args)
+            ours = our_knn(ev, os.path.join(tmp, "ours.pth"), tmp, ks, T)
+            rows = eval_rows(ours, theirs, knn, ks, T)
+            ok &= part_table(f"evaluation: {arch} teacher backbone (random init, identical weights), "
+                             f"{args.eval_images[0]} training / {args.eval_images[1]} validation images (224 px "
+                             "after resize 256 + centre crop); our feature: "
+                             f"{json.dumps(ours['json'].get('knn_feature'))}", rows)[2] == 0
+    return ok
+
+
+def their_knn(knn, A, arch, root, weights, state, ks, T, args):
+    """Their extract_feature_pipeline(args) and knn_classifier, called, in a one-process gloo group."""
+    e_args = knn.get_args_parser().parse_args(
+        ["--input_size", "224", "--batch_size_per_gpu", "50", "--arch", arch, "--patch_size", "16",
+         "--pretrained_weights", weights, "--checkpoint_key", "teacher", "--method", "mokd", "--num_workers", "0",
+         "--avgpool_patchtokens", "0", "--use_cuda", "False", "--data_path", root])
+    loaded = {}
+
+    def load_pretrained(original):
+        def load(model, path, key, method):  # observer: their loader is strict=False; check every weight arrived
+            out = original(model, path, key, method)
+            got = model.state_dict()
+            loaded["missing"] = sorted(set(state) ^ set(k for k in got if k in state or not k.startswith("fc")))
+            loaded["same"] = all(torch.equal(got[k], v) for k, v in state.items() if k in got)
+            return out
+        return load
+
+    pg = tempfile.NamedTemporaryFile(prefix="authors_parity_pg_", delete=False).name
+    os.remove(pg)
+    dist.init_process_group("gloo", init_method=f"file://{pg}", rank=0, world_size=1)
+    try:
+        with contextlib.ExitStack() as stack:
+            enter = stack.enter_context
+            # their pipeline reads dataset.target, which torchvision's ImageFolder calls targets: an alias
+            enter(patched(knn.ReturnIndexDataset, "target", property(lambda dataset: dataset.targets)))
+            enter(patched(knn.checkpoint_io, "load_pretrained_weights",
+                          load_pretrained(knn.checkpoint_io.load_pretrained_weights)))
+            enter(patched(nn.Module, "cuda", lambda module, device=None: module))
+            enter(patched(torch.Tensor, "cuda", lambda tensor, *a, **k: tensor))
+            enter(contextlib.redirect_stdout(io.StringIO()))
+            enter(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+            train_f, test_f, train_y, test_y = knn.extract_feature_pipeline(e_args)
+            acc = {k: knn.knn_classifier(train_f, train_y, test_f, test_y, k, T, int(train_y.max()) + 1, False)
+                   for k in ks}
+    finally:
+        dist.destroy_process_group()
+        if os.path.exists(pg):
+            os.remove(pg)
+    if loaded.get("missing") or not loaded.get("same"):
+        raise ParityError(f"their loader did not take every weight ({loaded})")
+    return {"train": train_f, "val": test_f, "train_y": train_y, "val_y": test_y, "acc": acc}
+
+
+def our_knn(ev, weights, root, ks, T):
+    """Our eval_linear.py --knn (its defaults) on the same folders; the features it passed to knn_classify."""
+    seen = []
+    original = ev.knn_classify
+
+    def knn_classify(train_f, train_y, test_f, test_y, *a, **kw):
+        seen.append((train_f, train_y, test_f, test_y))
+        return original(train_f, train_y, test_f, test_y, *a, **kw)
+    out = io.StringIO()
+    with patched(ev, "knn_classify", knn_classify), contextlib.redirect_stdout(out):
+        ev.main(["--backbone", weights, "--knn", "--train-path", os.path.join(root, "train"), "--val-path",
+                 os.path.join(root, "val"), "--nb-knn", *map(str, ks), "--temperature", str(T), "--num-workers", "0",
+                 "--device", "cpu", "--batch-size-per-gpu", "50"])
+    result = json.loads(out.getvalue().strip().splitlines()[-1])
+    train_f, train_y, test_f, test_y = seen[0]
+    return {"train": train_f, "val": test_f, "train_y": train_y, "val_y": test_y, "json": result}
+
+
+def unvoted_share(train_f, train_y, test_f, test_y, k, T, C):
+    """% of test images whose label got no vote among its k neighbours while fewer than 5 classes got votes: where
+    their top-5 (which ranks classes without a vote too, DINO#89) may count a hit that ours does not."""
+    sim, idx = (test_f @ train_f.T).topk(k, dim=1)
+    votes = torch.zeros(len(test_f), C).scatter_add_(1, train_y[idx], (sim / T).exp())
+    few = (votes > 0).sum(1) < 5
+    unvoted = votes.gather(1, test_y[:, None])[:, 0] == 0
+    return 100.0 * float((few & unvoted).sum()) / len(test_f)
+
+
+def eval_rows(ours, theirs, knn, ks, T):
+    import torch.nn.functional as F
+    rows = []
+    same_order = torch.equal(ours["train_y"], theirs["train_y"]) and torch.equal(ours["val_y"], theirs["val_y"])
+    rows.append(("labels, both sets, in order", "same" if same_order else "differ", "equal" if same_order else
+                 "DIFFERS"))
+    normed = {}
+    for split in ("train", "val"):
+        a = F.normalize(ours[split].double(), dim=1)
+        b = theirs[split].double()
+        normed[split] = a.float()
+        d = max_rel(a, b)
+        rows.append((f"features, {split} ({tuple(b.shape)} theirs, {tuple(a.shape)} ours), L2-normalised",
+                     f"max |diff| {fmt(d[0])}, rel {fmt(d[1])} (tol {TOL_FEATURE:.0e})",
+                     "equal" if d[1] <= TOL_FEATURE else "DIFFERS"))
+    C = int(theirs["train_y"].max()) + 1
+    for k in ks:
+        o = ours["json"]["knn"][str(k)]
+        t1, t5 = theirs["acc"][k]
+        rows.append((f"k={k} top-1", f"theirs {t1:.3f}, ours {o['top1']:.3f}",
+                     "equal" if abs(t1 - o["top1"]) < 1e-9 else "DIFFERS"))
+        if o["top5"] is None:
+            rows.append((f"k={k} top-5", f"theirs {t5:.3f}, ours none ({C} classes)", "expected"))
+            continue
+        gap = t5 - o["top5"]
+        share = unvoted_share(normed["train"], ours["train_y"], normed["val"], ours["val_y"], k, T, C) \
+            if normed["train"].shape[1] == theirs["train"].shape[1] else math.nan
+        v = "equal" if abs(gap) < 1e-9 else ("expected" if 0 < gap <= share + 1e-9 else "DIFFERS")
+        rows.append((f"k={k} top-5", f"theirs {t5:.3f}, ours {o['top5']:.3f}" + (
+            f" (their top-5 counts classes without a vote, DINO#89: {share:.1f} % of images have an unvoted label "
+            "among fewer than 5 voted classes)" if v == "expected" else ""), v))
+    return rows
+
+
+def run_parts(args, argv):
+    """--part NAME: that part in this process. --all: each part in a process of its own (its memory is returned
+    before the next starts), the step with the options given; the last line is the verdict over all parts."""
+    import subprocess
+    if not args.all:
+        mokd = load_mokd(args.mokd)
+        A = import_authors(args.authors_dir)
+        functions = {"step": lambda: step_parity(args, mokd, A), "augmentation": augmentation_part,
+                     "schedules": schedules_part, "boundary": boundary_part, "ddp": ddp_part,
+                     "evaluation": evaluation_part}
+        t = time.perf_counter()
+        f = functions[args.part]
+        ok = f() if args.part == "step" else f(args, mokd, A)
+        print(f"part {args.part}: {'every row equal (or an expected difference)' if ok else 'DIFFERS'} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        return 0 if ok else 1
+    rest = [a for a in argv if a != "--all"]
+    results, times = {}, {}
+    for name in PART_NAMES:
+        print(f"\n{'=' * 30} part: {name} {'=' * 30}", flush=True)
+        t = time.perf_counter()
+        rc = subprocess.run([sys.executable, os.path.abspath(__file__), *rest, "--part", name]).returncode
+        times[name] = time.perf_counter() - t
+        results[name] = rc == 0
+        if rc not in (0, 1):
+            print(f"part {name} failed: exit status {rc} (its error is above)", flush=True)
+    print("\nparts: " + ", ".join(f"{k} {'equal' if v else 'DIFFERS'} ({times[k]:.0f} s)" for k, v in results.items())
+          + f"; total {sum(times.values()) / 60:.1f} min")
+    bad = [k for k, v in results.items() if not v]
+    print(f"verdict over all parts: {'every part equal' if not bad else 'DIFFERS in ' + ', '.join(bad)}")
+    return 0 if not bad else 1
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.ddp_worker:
+        return ddp_worker(args)
+    if not (args.all or args.part):
+        return 0 if step_parity(args) else 1
+    if args.all and args.part:
+        raise ParityError("give --all or --part, not both")
+    return run_parts(args, argv)
 
 
 if __name__ == "__main__":
