@@ -757,10 +757,12 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.b
 
 def quiet_worker(_):
-    """DataLoader workers leave the process group that torchrun (or a scheduler) signals, and ignore Ctrl-C: a stop
-    never kills them before their rank has saved. They still end with the DataLoader, or when their rank dies."""
+    """DataLoader workers leave the process group that torchrun signals and ignore SIGINT and SIGTERM (a scheduler
+    signals every process): a stop never kills them before their rank has saved. They still end with the DataLoader,
+    or when their rank dies."""
     os.setpgrp()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 def worker_error_message(e):
     """An error raised in a DataLoader worker comes back with the worker's traceback text: keep our message."""
@@ -879,8 +881,12 @@ def check_resume_config(saved, cfg, path, rank):
 
 # ==== 9. The training loop: stops cleanly on a signal and on a non-finite loss, resumes exactly. ======================
 class StopRequest:
-    """`with StopRequest() as stop:` SIGTERM / SIGINT set stop.requested: the step during which a signal reached any
-    rank is the last; the run saves and exits. A second signal exits at once, without saving."""
+    """`with StopRequest(path) as stop:` SIGTERM / SIGINT set stop.requested: the step during which a signal reached
+    any rank is the last; the run saves it to `path` and exits. Another SIGINT (Ctrl-C) exits at once, without saving;
+    more SIGTERMs change nothing (a scheduler and torchrun may both signal a rank)."""
+    def __init__(self, path):
+        self.path = path
+
     def __enter__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -891,19 +897,21 @@ class StopRequest:
             signal.signal(s, h)
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            print(f"{signal.Signals(signum).name} received: the run finishes its current step, saves it to {self.path} "
+                  f"and stops (Ctrl-C again: stop at once, without saving)", file=sys.stderr, flush=True)
         self.requested = True
-        print(f"signal {signum}: saving after this step (another signal exits at once, without saving)",
-              file=sys.stderr, flush=True)
 
-    def agreed(self, group):
-        """True on every rank if a signal reached any rank: a tiny all-reduce on the CPU (gloo), no GPU sync."""
+    def agreed(self, group, save_due):
+        """(stop, save): whether a signal reached any rank, whether a periodic save is due on any rank; the same on
+        every rank: a tiny all-reduce on the CPU (gloo), no GPU sync."""
         if group is None:
-            return self.requested
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, group=group)
-        return flag.item() > 0
+            return self.requested, save_due
+        flags = torch.tensor([float(self.requested), float(save_due)])
+        dist.all_reduce(flags, group=group)
+        return flags[0].item() > 0, flags[1].item() > 0
 
 class Logger:
     """Holds each step's VALUE_KEYS values on the device; `check` reads them once per log interval (averaged over
@@ -913,6 +921,7 @@ class Logger:
         self.device, self.last_ckpt = device, last_ckpt
         self.file = open(path, "a") if rank == 0 else None
         self.pending, self.steps, self.t = [], 0, time.time()
+        self.saved_at = self.t
 
     def check(self, log_it):
         # DEVIATION: DINO checks loss.item() every step (a host sync each step); the steps are checked in batches.
@@ -984,29 +993,37 @@ def save_checkpoint(run, log, step, niter, path):
         except OSError as e:  # a full disk, a lost mount: the previous file is intact (atomic_save)
             raise MOKDError(f"cannot write a checkpoint into {os.path.dirname(path)!r} at step {step}: "
                             f"{e.strerror or e}. Still good: {log.last_ckpt or 'no checkpoint yet'}") from None
-    log.last_ckpt = path
+    log.last_ckpt, log.saved_at = path, time.time()
 
 def train_epoch(run, loader, log, S, step, end, stop, stop_group):
     """Steps until the epoch, the run (`end`) or a signal ends; -> (next step, stopped by a signal)."""
-    cfg, stats = run.cfg, image_stats(run.device)
-    try:
-        for crops in loader:
-            # DEVIATION: per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
-            torch.manual_seed(hash((cfg["seed"], log.rank, step)) & 0x7FFFFFFF)
-            log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, S)))
-            if step % cfg["log_every"] == 0 or step == end - 1:
-                log.check(log_it=True)
-            step += 1
-            if stop.agreed(stop_group):
+    cfg, stats, batches = run.cfg, image_stats(run.device), iter(loader)
+    # A dead worker is found when the next batch is fetched, at a step boundary: PyTorch's SIGCHLD handler would
+    # raise wherever the step is and leave it half applied.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while step < end:
+        try:
+            crops = next(batches)
+        except StopIteration:
+            break
+        except MOKDError as e:  # raised in a worker: it carries the worker's traceback text
+            raise MOKDError(worker_error_message(e)) from None
+        except RuntimeError as e:  # a worker was killed (SIGKILL, out of memory): the last step is complete
+            if stop.requested and run.world == 1:
                 return step, True
-            if step >= end:
-                break
-    except MOKDError as e:  # raised here, or in a worker (then it carries the worker's traceback text)
-        raise MOKDError(worker_error_message(e)) from None
-    except RuntimeError:  # a scheduler's SIGTERM to every process also killed the workers
-        if not (stop.requested and run.world == 1):
-            raise
-        return step, True  # the model is at the end of a complete step: save it
+            raise MOKDError(f"a DataLoader worker died ({e}) after step {step - 1}; nothing was saved since "
+                            f"{log.last_ckpt or 'the start'}") from None
+        # DEVIATION: per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
+        torch.manual_seed(hash((cfg["seed"], log.rank, step)) & 0x7FFFFFFF)
+        log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, S)))
+        if step % cfg["log_every"] == 0 or step == end - 1:
+            log.check(log_it=True)
+        step += 1
+        stopped, due = stop.agreed(stop_group, 0 < cfg["saveckp_minutes"] * 60 <= time.time() - log.saved_at)
+        if stopped:
+            return step, True
+        if due and step % log.niter and step < end:  # a hard kill loses at most --saveckp-minutes of work
+            save_checkpoint(run, log, step, log.niter, stop.path)
     return step, False
 
 EVALUATE = "Evaluate: python eval_linear.py --checkpoint {} --model a --knn --train-path TRAIN_DIR --val-path VAL_DIR"
@@ -1209,6 +1226,8 @@ def build_parser(recipe="demo", arch_a=None, arch_b=None, epochs=None):
     a("--output-dir", default="output", help="checkpoint.pth, log.jsonl and config.json go here")
     a("--resume", help="resume from this checkpoint (default: OUTPUT_DIR/checkpoint.pth if present)")
     a("--saveckp-freq", type=count, default=0, help="also keep checkpointNNNN.pth every N epochs (0: never)")
+    a("--saveckp-minutes", type=non_negative, default=30, help="also write checkpoint.pth mid-epoch every N minutes: "
+      "a hard kill (kill -9, out of memory, node lost) loses at most that (0: at epoch ends only)")
     a("--seed", type=int, default=0, help="seed of the initial weights, the data order and the augmentations")
     a("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     a("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
@@ -1275,7 +1294,7 @@ def main(argv=None):
         check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         rank, world, device = setup_distributed(cfg)
         try:
-            with StopRequest() as stop:  # installed before anything is built: a signal during start-up still saves
+            with StopRequest(os.path.join(cfg["output_dir"], "checkpoint.pth")) as stop:  # installed before anything is built: a signal during start-up still saves
                 train(cfg, rank, world, device, stop)
             return None
         finally:

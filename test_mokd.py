@@ -1767,3 +1767,80 @@ def test_resize_pos_embed_unchanged_grid_and_dtypes():
     assert mokd.resize_pos_embed(pos, (7, 7), (7, 7)) is pos
     assert mokd.resize_pos_embed(pos.bfloat16(), (7, 7), (3, 3)).dtype == torch.bfloat16
     assert mokd.resize_pos_embed(pos, (7, 7), (3, 3)).dtype == torch.float32
+
+
+# ==== Issue 28: work that survives a cluster's stop, numbers that do not depend on the launch ====
+import random  # noqa: E402
+import signal  # noqa: E402
+
+TREE = [*TINY, "--arch-a", "resnet18", "--arch-b", "vit_tiny", "--log-every", "1", "--num-workers", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def process_tree(pid):
+    """pid and every descendant, from /proc (what a cgroup-based scheduler signals)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def wait_for_log(out, n, proc, timeout=300):
+    """Wait until log.jsonl holds n records (the run is inside its training loop), or fail if the run ended."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "log.jsonl").exists() and len(open(out / "log.jsonl").readlines()) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the run logged fewer than {n} steps (exit status {proc.poll()})")
+
+
+def launcher(nproc):
+    return TORCHRUN + [f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_to_every_process_of_the_tree_saves_a_step_boundary_and_the_relaunch_is_bit_identical(tmp_path,
+                                                                                                        nproc):
+    """Issue 28.1: a scheduler signals every PID of the job, DataLoader workers included (torchrun, 2 ranks, 1 worker
+    each: the ranks died with 'DataLoader worker is killed by signal'; 1 process saved a half-applied step)."""
+    out = tmp_path / "o"
+    args = [os.path.join(HERE, "mokd.py"), *TREE, "--epochs", "50", "--output-dir", str(out)]
+    proc = subprocess.Popen(launcher(nproc) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        wait_for_log(out, random.randint(1, 4), proc)
+        tree = process_tree(proc.pid)
+        assert len(tree) == 1 + (nproc > 1) * nproc + nproc  # torchrun, its ranks, one worker per rank
+        for pid in tree:
+            os.kill(pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert "stopped by signal" in stdout, stderr[-3000:]
+    assert not re.search(r"^error|RuntimeError|DataLoader worker", stderr, re.M), stderr[-3000:]
+    stop = torch.load(out / "checkpoint.pth", weights_only=True)["global_step"]
+    assert log_steps(out) == list(range(stop))
+    end = ["--max-steps", str(stop + 2)]
+    r = run_cli(args[1:] + end, nproc=nproc, torchrun=nproc > 1)  # the relaunch
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = run_cli([*args[1:-1], str(tmp_path / "ref"), *end], nproc=nproc, torchrun=nproc > 1)  # never interrupted
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    resumed, _ = checkpoint_tensors(out / "checkpoint.pth")
+    full, _ = checkpoint_tensors(tmp_path / "ref" / "checkpoint.pth")
+    assert resumed.keys() == full.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), (stop, k)
