@@ -1844,3 +1844,63 @@ def test_sigterm_to_every_process_of_the_tree_saves_a_step_boundary_and_the_rela
     assert resumed.keys() == full.keys()
     for k in full:
         assert torch.equal(full[k], resumed[k]), (stop, k)
+
+
+def quick_run(out, *extra):
+    mokd.main([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--log-every", "1", "--output-dir", str(out),
+               *extra])
+
+
+@pytest.mark.slow
+def test_a_resume_never_destroys_newer_work_without_overwrite(tmp_path, capsys):
+    """Issue 28.2: --resume OLD.pth into a folder with a newer run cut its log from 12 records to 3 and overwrote
+    its checkpoint.pth; another run's checkpoint cut the log mid-line."""
+    d, other = tmp_path / "d", tmp_path / "other"
+    quick_run(d, "--saveckp-freq", "1", "--max-steps", "12")  # 8 steps per epoch: checkpoint0001.pth at step 8
+    quick_run(other, "--max-steps", "3")
+    before = {f: (d / f).read_bytes() for f in ("checkpoint.pth", "log.jsonl")}
+    capsys.readouterr()
+    for resume in (d / "checkpoint0001.pth", other / "checkpoint.pth"):
+        err = cli_error(capsys, *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--log-every", "1",
+                        "--output-dir", str(d), "--resume", str(resume))
+        assert "holds checkpoint.pth" in err and "--overwrite" in err, err
+        assert {f: (d / f).read_bytes() for f in before} == before
+    (d / "checkpoint.pth").unlink()  # the log alone: another run's is refused, this run's is cut back
+    err = cli_error(capsys, *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--output-dir", str(d), "--resume",
+                    str(other / "checkpoint.pth"))
+    assert "a log.jsonl of another run" in err and (d / "log.jsonl").read_bytes() == before["log.jsonl"], err
+    quick_run(d, "--resume", str(d / "checkpoint0001.pth"), "--max-steps", "10")
+    assert log_steps(d) == list(range(10))
+    quick_run(d, "--resume", str(other / "checkpoint.pth"), "--max-steps", "5", "--overwrite")
+    assert "holds another run; it is replaced" in capsys.readouterr().out
+    assert log_steps(d) == [3, 4]
+
+
+@pytest.mark.slow
+def test_a_fresh_start_after_a_kill_does_not_append_to_the_dead_runs_log(tmp_path, capsys):
+    """Issue 28.3: killed before its first checkpoint, the next start's records followed the dead run's (0-4, 0-5)."""
+    quick_run(tmp_path, "--max-steps", "5")
+    (tmp_path / "checkpoint.pth").unlink()  # what kill -9 before the first save leaves
+    quick_run(tmp_path, "--max-steps", "6")
+    assert "a run that saved no checkpoint; it is replaced" in capsys.readouterr().out
+    assert log_steps(tmp_path) == list(range(6))
+
+
+def test_checkpoints_are_written_mid_epoch_every_saveckp_minutes(tmp_path, monkeypatch):
+    """Issue 28.3: a hard kill loses at most --saveckp-minutes of work. Here the clock moves 5 minutes per reading:
+    with --saveckp-minutes 15 the run saves within its epoch (8 steps); with 0 only where it ends (step 6)."""
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 300.0
+        return clock[0]
+    saves = []
+    real_save = mokd.save_checkpoint
+    monkeypatch.setattr(mokd.time, "time", tick)
+    monkeypatch.setattr(mokd, "save_checkpoint", lambda run, log, step, *a: saves.append(step) or
+                        real_save(run, log, step, *a))
+    for minutes, expected in (("15", None), ("0", [6])):
+        saves.clear()
+        quick_run(tmp_path / minutes, "--max-steps", "6", "--saveckp-minutes", minutes)
+        assert saves == expected or (len(saves) > 2 and saves[-1] == 6 and expected is None), saves
+        assert torch.load(tmp_path / minutes / "checkpoint.pth", weights_only=True)["global_step"] == 6
