@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import signal
 import sys
 import tempfile
@@ -51,7 +52,7 @@ RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision; widths 512, 512, 
 VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 ARCHS = sorted(RESNETS) + sorted(VITS)
 LOSS_NAMES = ("L_sm", "L_st", "L_cm", "L_ct")
-# Run.step's values: the 8 terms, then per teacher the entropy of its outputs and of their batch mean (see entropy)
+# Run.step's values: the 8 terms, then per teacher the entropy of its outputs and of their global batch's mean
 VALUE_KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ["a.entropy", "b.entropy", "a.batch_entropy",
                                                                 "b.batch_entropy"]
 
@@ -379,14 +380,20 @@ def cross_entropy(student, teacher, tau_t):
     """L_ct: mean_b[-sum_k softmax(t / tau_t) log softmax(s / tau_s)], no centre. Both (n*B, K)."""
     return (-(F.softmax(f32(teacher) / tau_t, -1) * F.log_softmax(f32(student) / STUDENT_TEMP, -1)).sum(-1)).mean()
 
-def entropy(teacher, center, tau_t):
-    """The two collapse signals of the teacher's centred, sharpened output p (N, K): the mean entropy of each image's
-    p, and the entropy of p's mean over the batch. Collapse to uniform: both near log K. Collapse onto one
-    prototype: both near 0. Healthy: the first well below log K, the second near it (confident and diverse)."""
-    def h(q):  # entropy over the last dimension
-        return -(q * torch.log(q.clamp_min(1e-12))).sum(-1)
-    p = F.softmax((f32(teacher) - center) / tau_t, dim=-1)  # (N, K)
-    return h(p).mean(), h(p.mean(0))
+def entropy(p):
+    """Entropy in nats over the last dimension of probabilities p (..., K). The collapse signals of a teacher's
+    centred, sharpened outputs p (N, K): entropy(p).mean() and the entropy of their mean over the global batch."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+
+def collapse_verdict(e, b, K, N):
+    """A teacher's state by the rule of README, "Outputs", from its collapse signals: e, the mean entropy of its
+    outputs, and b, the entropy of their mean over a global batch of N outputs of K."""
+    top = min(math.log(K), math.log(N))  # b of N confident outputs on N distinct prototypes (of K)
+    state = ("uniform (each output spreads over most prototypes)" if e > 0.8 * math.log(K) else
+             f"collapsed onto few prototypes (the batch uses about {math.exp(b):.0f})" if b < 0.5 * top else
+             "healthy (confident and diverse)")
+    return (f"{state}: entropy {e:.2f} (log K {math.log(K):.2f}), of the batch mean {b:.2f} (min(log K, log N) "
+            f"{top:.2f})")
 
 class Centres(nn.Module):
     """The six DINO centres: c_sm, c_st, c_cm for each model (L_ct has none)."""
@@ -397,16 +404,18 @@ class Centres(nn.Module):
                 self.register_buffer(f"{term}_{m}", torch.zeros(1, out_dim))
 
     @torch.no_grad()
-    def update(self, teachers):
-        """c <- 0.9 c + 0.1 mean over the global batch of t; teachers: {name: (2B, K)}. One all-reduce."""
+    def update(self, teachers, extra=()):
+        """c <- 0.9 c + 0.1 mean over the global batch of t; teachers: {name: (2B, K)}. One all-reduce, which also
+        sums the rows `extra` (each (K,)) over the ranks: -> (their means over the global batch, its size)."""
         names = list(teachers)
-        sums = torch.stack([f32(teachers[k]).sum(0) for k in names])  # (n, K)
+        sums = torch.stack([f32(teachers[k]).sum(0) for k in names] + list(extra))  # (n, K)
         count = len(teachers[names[0]])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
             count *= dist.get_world_size()
         for k, s in zip(names, sums):
             getattr(self, k).mul_(CENTER_MOMENTUM).add_(s / count, alpha=1 - CENTER_MOMENTUM)
+        return sums[len(names):] / count, count
 
 def model_losses(x, y, s, t_self, t_other, search_other, centres, tau_self, tau_cross, lam):
     """Model X's four terms and total L_X = L_sm + L_st + lambda_X (L_cm + L_ct) (spec: Losses of model X).
@@ -506,11 +515,11 @@ class Run:
         for x, y in (("a", "b"), ("b", "a")):
             totals[x], terms[x] = model_losses(x, y, s[x], t[x], t[y], srch[x], self.centres, S[x]["tau"][epoch],
                                                S["tau_cross"][epoch], cfg[f"lam_{x}"])
-        ents = {m: entropy(t[m]["m"], getattr(self.centres, f"sm_{m}"), S[m]["tau"][epoch]) for m in "ab"}
+        p = [F.softmax((f32(t[m]["m"]) - getattr(self.centres, f"sm_{m}")) / S[m]["tau"][epoch], -1) for m in "ab"]
         new = {f"sm_{m}": t[m]["m"] for m in "ab"}
         new.update({f"st_{m}": t[m]["t"] for m in "ab" if t[m]["t"] is not None})
         new.update({f"cm_{x}": t[y]["m"] for x, y in (("a", "b"), ("b", "a")) if cfg[f"lam_{x}"] > 0})
-        return totals, terms, ents, new
+        return totals, terms, p, new  # p: per teacher its centred, sharpened MLP-head outputs (2B, K)
 
     def step(self, crops, epoch, it, S):
         """One optimiser step of both models at global iteration `it`; returns its VALUE_KEYS values (12,)."""
@@ -518,7 +527,7 @@ class Run:
             for g in self.opts[m].param_groups:
                 lr, wd = S[m][g["sched"]]  # the group's schedule: (lr, weight decay) per iteration
                 g["lr"], g["weight_decay"] = float(lr[it]), float(wd[it]) if g["reg"] else 0.0
-        totals, terms, ents, new_teacher_outputs = self.losses(crops, epoch, S)
+        totals, terms, p, new_teacher_outputs = self.losses(crops, epoch, S)
         for m in "ab":  # separate backward passes: L_A only reaches student A, L_B only student B
             opt, scaler = self.opts[m], self.scalers[m]
             opt.zero_grad(set_to_none=True)
@@ -530,11 +539,11 @@ class Run:
                     p.grad = None
             scaler.step(opt)
             scaler.update()
-        self.centres.update(new_teacher_outputs)  # after the loss, as DINO
+        p_mean, _ = self.centres.update(new_teacher_outputs, [q.sum(0) for q in p])  # after the loss, as DINO
         for m in "ab":
             ema_update(*self.params[m], float(S["momentum"][it]))
         values = [terms[m][k].detach() for m in "ab" for k in LOSS_NAMES]
-        values += [ents[m][0].detach() for m in "ab"] + [ents[m][1].detach() for m in "ab"]
+        values += [entropy(q).mean() for q in p] + list(entropy(p_mean))
         return torch.stack(values)  # (12,): VALUE_KEYS order
 
     def state(self):
@@ -584,6 +593,16 @@ def build_schedules(cfg, niter, world_size):
                 "tau": teacher_temp_schedule(cfg["warmup_teacher_temp"], cfg["teacher_temp"],
                                              cfg[f"warmup_teacher_temp_epochs_{m}"], E)}
     return S
+
+def schedule_values(S, step, niter):
+    """The schedules' values at `step` (past a schedule's end: its last value): lr of each model's main group, EMA
+    momentum, teacher temperatures (log.jsonl's lr_a ... tau_cross)."""
+    def at(values, i):
+        return float(values[min(i, len(values) - 1)])
+    e = step // niter
+    return {"lr_a": at(S["a"]["main"][0], step), "lr_b": at(S["b"]["main"][0], step),
+            "momentum": at(S["momentum"], step),
+            "tau_a": at(S["a"]["tau"], e), "tau_b": at(S["b"]["tau"], e), "tau_cross": at(S["tau_cross"], e)}
 
 def lr_floor_warnings(cfg, world_size):
     """One line per final lr above its scaled peak (small global batches), which build_schedules lowers to the peak."""
@@ -971,6 +990,7 @@ class Logger:
                     raise MOKDError(f"non-finite loss: model {model.upper()} term {term} = {v} at step {step}. "
                                     f"Last good checkpoint: {self.last_ckpt or 'none written yet'} (left intact).")
         self.steps += len(self.pending)
+        self.last = (self.pending[-1][0], dict(zip(VALUE_KEYS, rows[-1])))  # for the collapse verdict at the end
         if self.rank == 0 and log_it:
             self.write(self.pending[-1][0], dict(zip(VALUE_KEYS, rows[-1])))
         self.pending.clear()
@@ -980,10 +1000,8 @@ class Logger:
         S, epoch, now = self.S, step // self.niter, time.time()
         rate = self.steps * self.cfg["batch_size_per_gpu"] * self.world / max(now - self.t, 1e-9)
         rec = {"step": step, "epoch": epoch, "run": self.run_id, **{k: round(v, 6) for k, v in vals.items()},
-               "lr_a": float(S["a"]["main"][0][step]), "lr_b": float(S["b"]["main"][0][step]),
-               "momentum": float(S["momentum"][step]), "tau_a": float(S["a"]["tau"][epoch]),
-               "tau_b": float(S["b"]["tau"][epoch]), "tau_cross": float(S["tau_cross"][epoch]),
-               "images_per_s": round(rate, 2), "peak_mem_mb": peak_memory_mb(self.device)}
+               **schedule_values(S, step, self.niter), "images_per_s": round(rate, 2),
+               "peak_mem_mb": peak_memory_mb(self.device)}
         for m in "ab":  # cross terms are not computed with lambda 0
             if self.cfg[f"lam_{m}"] == 0:
                 rec[f"{m}.L_cm"] = rec[f"{m}.L_ct"] = None
@@ -1059,7 +1077,15 @@ def train_epoch(run, loader, log, S, step, end, stop, stop_group):
             save_checkpoint(run, log, step, log.niter, stop.path)
     return step, False
 
-EVALUATE = "Evaluate: python eval_linear.py --checkpoint {} --model a --knn --train-path TRAIN_DIR --val-path VAL_DIR"
+def eval_command(cfg, ckpt_path):
+    """The k-NN evaluation that fits this run: its named dataset's test split, a held-out folder of the user's classes,
+    or (no --data-path) held-out synthetic images."""
+    cmd, data = f"python eval_linear.py --checkpoint {shlex.quote(ckpt_path)} --knn", cfg["data_path"]
+    if data in DATASETS:
+        cmd += f" --train-path {data} --val-path {data} --data-root {shlex.quote(cfg['data_root'])}"
+    elif data:
+        cmd += f" --train-path {shlex.quote(data)} --val-path HELD_OUT_FOLDER"
+    return f"evaluate: {cmd}   # model A; --model b for B"
 
 def train(cfg, rank, world, device, stop):
     """The training loop. `stop` (a StopRequest) is set by SIGTERM / SIGINT: the step completes, every rank saves."""
@@ -1085,11 +1111,16 @@ def train(cfg, rank, world, device, stop):
                       f"has {niter}: epoch {epoch} restarts from its first step")
             it = 0
         step = epoch * niter + it
+        old = schedule_values(build_schedules({**cfg, **saved["config"]}, niter, world), step, niter)
+        jumps = [f"{k} {old[k]:.4g} -> {v:.4g}" for k, v in schedule_values(S, step, niter).items()
+                 if not math.isclose(v, old[k], rel_tol=1e-6)]
+        if jumps:
+            say(rank, f"warning: at step {step} the new settings change the schedules: {', '.join(jumps)}")
     log_mode, run_id = claim_output_dir(cfg, resume, saved, rank), saved.get("run_id") if saved else os.urandom(6).hex()
     del saved
     if step >= end:
         done = f"a finished run ({cfg['epochs']} epochs, {step} steps)" if step >= all_steps else f"at step {step}"
-        return say(rank, f"{resume} is {done}: nothing to do. {EVALUATE.format(ckpt_path)}")
+        return say(rank, f"{resume} is {done}: nothing to do.\n{eval_command(cfg, resume)}")
     if resume:
         say(rank, f"resumed from {resume}: continues with step {step} (epoch {step // niter})")
     if rank == 0:
@@ -1106,13 +1137,16 @@ def train(cfg, rank, world, device, stop):
     finally:
         if log.file:
             log.file.close()
-    if stopped:
-        say(rank, f"stopped by signal after step {step - 1}; relaunch the same command to resume")
-    elif step < all_steps:
-        say(rank, f"--max-steps {cfg['max_steps']} reached; checkpoint written to {ckpt_path}")
-    else:
-        say(rank, f"finished: {cfg['epochs']} epochs, {step} steps. {EVALUATE.format(ckpt_path)}")
-        if rank == 0 and not cfg["data_path"]:
+    if rank == 0:
+        print(f"stopped by signal after step {step - 1}; relaunch the same command to resume" if stopped else
+              f"--max-steps {cfg['max_steps']} reached" if step < all_steps else
+              f"finished: {cfg['epochs']} epochs, {step} steps", f"checkpoint: {ckpt_path}", sep="; ")
+        for m in "ab":  # N: 2 global crops per image of the global batch
+            e, b = (log.last[1][f"{m}.{k}"] for k in ("entropy", "batch_entropy"))
+            print(f"teacher {m.upper()} ({cfg[f'arch_{m}']}) at step {log.last[0]}: "
+                  f"{collapse_verdict(e, b, cfg['out_dim'], 2 * cfg['batch_size_per_gpu'] * world)}")
+        print(eval_command(cfg, ckpt_path), flush=True)
+        if step >= all_steps and not cfg["data_path"]:
             demo_report(cfg, log_path, ckpt_path)
     return run
 
@@ -1137,24 +1171,20 @@ def start_report(cfg, ds, niter, end, world, device, S):
 
 # ==== 10. The demo's report (`python mokd.py`, no --data-path). =======================================================
 def demo_report(cfg, log_path, ckpt_path):
-    """Each loss term's first and last logged value, both collapse signals against log K, the checkpoint and what to
-    try next; the last line is one JSON object."""
+    """Each loss term's first and last logged value and what to try next; the last line is one JSON object."""
     with open(log_path) as f:
         records = [json.loads(line) for line in f]
     first, last, log_k = records[0], records[-1], math.log(cfg["out_dim"])
     report = {m: {"arch": cfg[f"arch_{m}"], "first": {k: first[f"{m}.{k}"] for k in LOSS_NAMES},
                   "last": {k: last[f"{m}.{k}"] for k in LOSS_NAMES}, "entropy": last[f"{m}.entropy"],
                   "batch_entropy": last[f"{m}.batch_entropy"]} for m in "ab"}
-    print(f"\nloss terms, logged step {first['step']} -> {last['step']}, and the teachers' collapse signals (log K = "
-          f"{log_k:.2f}; near log K: uniform; near 0: one prototype; healthy: entropy low, of the batch mean high):")
+    print(f"\nloss terms, logged step {first['step']} -> {last['step']}:")
     for m, r in report.items():
         terms = [f"{k} {r['first'][k]:.2f} -> {r['last'][k]:.2f}" for k in LOSS_NAMES if r["first"][k] is not None]
-        print(f"  {m.upper()} ({r['arch']}): {', '.join(terms)}; entropy {r['entropy']:.2f}, of its batch mean "
-              f"{r['batch_entropy']:.2f}")
-    print(f"checkpoint: {ckpt_path}\nThis run checks that the whole method runs end to end; it is too short to learn "
-          f"(about 100 CPU steps did not lift DINO-family features above random ones here): that takes real data.\n"
-          f"next: python eval_linear.py --checkpoint {ckpt_path} --knn   # k-NN on held-out synthetic images\n"
-          f"      python mokd.py --recipe cifar10 --data-path cifar10 --output-dir OUT   # train on CIFAR-10")
+        print(f"  {m.upper()} ({r['arch']}): {', '.join(terms)}")
+    print("This run checks that the whole method runs end to end; it is too short to learn (about 100 CPU steps did "
+          "not lift DINO-family features above random ones here): that takes real data.\n"
+          "next: python mokd.py --recipe cifar10 --data-path cifar10 --output-dir OUT   # train on CIFAR-10")
     print(json.dumps({**report, "log_K": round(log_k, 3), "checkpoint": ckpt_path}), flush=True)
 
 # ==== 11. The command line: a recipe gives every default (two-stage parse), argparse types validate single flags. =====
@@ -1328,7 +1358,8 @@ def main(argv=None):
         check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         rank, world, device = setup_distributed(cfg)
         try:
-            with StopRequest(os.path.join(cfg["output_dir"], "checkpoint.pth")) as stop:  # installed before anything is built: a signal during start-up still saves
+            # Installed before anything is built: a signal during start-up still saves.
+            with StopRequest(os.path.join(cfg["output_dir"], "checkpoint.pth")) as stop:
                 train(cfg, rank, world, device, stop)
             return None
         finally:

@@ -128,17 +128,21 @@ def test_entropy_tells_the_two_collapses_from_a_healthy_teacher(N, K, seed):
     """Uniform outputs: both signals at log K; every image on one prototype: both near 0; image i confidently on
     prototype i mod K: per-image entropy near 0, batch-mean entropy that of the prototypes' shares of the batch."""
     g = torch.Generator().manual_seed(seed)
+
+    def signals(teacher, centre, tau_t):  # as Run.losses and Run.step measure them (here one process)
+        p = F.softmax((teacher - centre) / tau_t, dim=-1)
+        return mokd.entropy(p).mean(), mokd.entropy(p.mean(0))
     c = torch.randn(1, K, generator=g)
-    per_image, of_mean = mokd.entropy(c.expand(N, K), c, 0.04)  # logits equal to the centre: uniform
+    per_image, of_mean = signals(c.expand(N, K), c, 0.04)  # logits equal to the centre: uniform
     assert per_image.item() == pytest.approx(math.log(K), rel=1e-5)
     assert of_mean.item() == pytest.approx(math.log(K), rel=1e-5)
     one = torch.zeros(N, K)
     one[:, int(torch.randint(K, (1,), generator=g))] = 1.0
-    per_image, of_mean = mokd.entropy(one, torch.zeros(1, K), 0.01)
+    per_image, of_mean = signals(one, torch.zeros(1, K), 0.01)
     assert per_image.item() < 1e-3 and of_mean.item() < 1e-3
     own = torch.zeros(N, K)
     own[torch.arange(N), torch.arange(N) % K] = 1.0
-    per_image, of_mean = mokd.entropy(own, torch.zeros(1, K), 0.01)
+    per_image, of_mean = signals(own, torch.zeros(1, K), 0.01)
     shares = torch.bincount(torch.arange(N) % K).double() / N
     assert per_image.item() < 1e-3
     assert of_mean.item() == pytest.approx(-(shares * shares.log()).sum().item(), abs=1e-3)
@@ -448,8 +452,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert os.path.exists(tmp_path / "two" / "checkpoint.pth")
     rec = [json.loads(open(tmp_path / d / "log.jsonl").readline()) for d in ("one", "two")]
-    for k in [f"{m}.{t}" for m in "ab" for t in mokd.LOSS_NAMES]:
-        assert rec[0][k] == pytest.approx(rec[1][k], rel=1e-4), k
+    for k in [f"{m}.{t}" for m in "ab" for t in mokd.LOSS_NAMES + ("entropy", "batch_entropy")]:
+        assert rec[0][k] == pytest.approx(rec[1][k], rel=1e-4), k  # collapse signals: over the global batch
 
 
 def test_torchrun_with_one_process_takes_the_ddp_path_and_matches_plain_python(tmp_path):
@@ -476,7 +480,7 @@ def test_demo_cli_mixed_pair_runs_reports_and_its_checkpoint_evaluates(tmp_path,
     for m in "ab":  # the report's first and last values are the log's
         assert res[m]["first"]["L_ct"] == log[0][f"{m}.L_ct"] and res[m]["last"]["L_sm"] == log[-1][f"{m}.L_sm"]
         assert res[m]["batch_entropy"] == log[-1][f"{m}.batch_entropy"]
-    for part in ("log K = 4.16", "loss terms, logged step 0 -> 7", "L_ct", f"checkpoint: {tmp_path / 'checkpoint.pth'}",
+    for part in ("(log K 4.16)", "loss terms, logged step 0 -> 7", "L_ct", f"checkpoint: {tmp_path / 'checkpoint.pth'}",
                  "end to end", "--recipe cifar10", f"eval_linear.py --checkpoint {tmp_path / 'checkpoint.pth'} --knn"):
         assert part in r.stdout, part
     keys = {"a.entropy", "b.batch_entropy", "lr_a", "momentum", "tau_cross", "images_per_s", "peak_mem_mb"}
@@ -1191,7 +1195,7 @@ def test_start_summary_end_message_and_a_finished_relaunch(tmp_path):
     for part in ("recipe demo: vit_tiny (A) + resnet18 (B)", "synthetic shapes (no --data-path), 32 images",
                  "8 steps per epoch x 1 epochs", "global batch 4", "peak lr A", "fp32 on 1 x cpu",
                  f"output: {tmp_path}",
-                 "finished: 1 epochs, 8 steps.", f"python eval_linear.py --checkpoint {tmp_path / 'checkpoint.pth'}"):
+                 "finished: 1 epochs, 8 steps;", f"python eval_linear.py --checkpoint {tmp_path / 'checkpoint.pth'}"):
         assert part in r.stdout, part
     again = run_cli(base)
     assert again.returncode == 0 and "is a finished run (1 epochs, 8 steps): nothing to do" in again.stdout
@@ -1831,12 +1835,15 @@ def test_sigterm_to_every_process_of_the_tree_saves_a_step_boundary_and_the_rela
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert "stopped by signal" in stdout, stderr[-3000:]
+    for part in ("teacher A (resnet18) at step", "teacher B (vit_tiny) at step", "evaluate: python eval_linear.py"):
+        assert part in stdout, part  # issue 31.4, 31.5: at every end
     assert not re.search(r"^error|RuntimeError|DataLoader worker", stderr, re.M), stderr[-3000:]
     stop = torch.load(out / "checkpoint.pth", weights_only=True)["global_step"]
     assert log_steps(out) == list(range(stop))
     end = ["--max-steps", str(stop + 2)]
     r = run_cli(args[1:] + end, nproc=nproc, torchrun=nproc > 1)  # the relaunch
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"teacher A (resnet18) at step {stop + 1}: " in r.stdout and r.stdout.count("evaluate: ") == 1, r.stdout
     ref = run_cli([*args[1:-1], str(tmp_path / "ref"), *end], nproc=nproc, torchrun=nproc > 1)  # never interrupted
     assert ref.returncode == 0, ref.stderr[-3000:]
     resumed, _ = checkpoint_tensors(out / "checkpoint.pth")
@@ -1904,3 +1911,51 @@ def test_checkpoints_are_written_mid_epoch_every_saveckp_minutes(tmp_path, monke
         quick_run(tmp_path / minutes, "--max-steps", "6", "--saveckp-minutes", minutes)
         assert saves == expected or (len(saves) > 2 and saves[-1] == 6 and expected is None), saves
         assert torch.load(tmp_path / minutes / "checkpoint.pth", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.parametrize("K, N", [(65536, 64), (65536, 512), (4096, 512), (64, 64)])
+def test_the_collapse_verdict_reads_healthy_uniform_and_few_prototypes_at_realistic_batches(K, N):
+    """Issue 28.5: the batch-mean entropy is bounded by log N, so against log K a healthy teacher read as collapsing
+    (4.16 against 11.09 for the ImageNet recipe on one GPU). Logits as a weight-normalised last layer gives them
+    (cosines), centred and sharpened as in Run.losses (tau_t 0.04), N = 2 x the global batch."""
+    g = torch.Generator().manual_seed(0)
+
+    def verdict(logits):
+        p = F.softmax(logits / 0.04, dim=-1)
+        return mokd.collapse_verdict(mokd.entropy(p).mean().item(), mokd.entropy(p.mean(0)).item(), K, N)
+    noise = 0.05 * torch.randn(N, K, generator=g)
+    healthy = noise.clone()
+    healthy[torch.arange(N), torch.randint(K, (N,), generator=g)] += 1.0  # each output confident, prototypes spread
+    few = noise.clone()
+    few[torch.arange(N), torch.randint(3, (N,), generator=g)] += 1.0  # every output on one of 3 prototypes
+    assert verdict(healthy).startswith("healthy"), verdict(healthy)
+    assert verdict(0.001 * noise).startswith("uniform"), verdict(0.001 * noise)
+    assert verdict(few).startswith("collapsed onto few prototypes (the batch uses about 3)"), verdict(few)
+    one = verdict(few[:, :1] * 0 + healthy * 0 + torch.nn.functional.one_hot(torch.zeros(N, dtype=torch.long), K))
+    assert one.startswith("collapsed onto few prototypes (the batch uses about 1)"), one
+
+
+def test_the_evaluation_command_fits_the_run():
+    """Issue 31.4: one command, with the run's own data where it has some."""
+    cmd = mokd.eval_command({"data_path": None, "data_root": "data"}, "out/checkpoint.pth")
+    assert cmd.startswith("evaluate: python eval_linear.py --checkpoint out/checkpoint.pth --knn ") and "path" not in cmd
+    cmd = mokd.eval_command({"data_path": "cifar10", "data_root": "my data"}, "o/checkpoint.pth")
+    assert "--train-path cifar10 --val-path cifar10 --data-root 'my data'" in cmd
+    cmd = mokd.eval_command({"data_path": "/img/train", "data_root": "data"}, "o/checkpoint.pth")
+    assert "--train-path /img/train --val-path HELD_OUT_FOLDER" in cmd
+
+
+@pytest.mark.slow
+def test_a_resume_with_more_epochs_says_how_the_schedules_change(tmp_path, capsys):
+    """Issue 28.6: the lr jumped from 0.0050 to 0.0153 and the momentum fell at the resume step, unsaid."""
+    quick_run(tmp_path, "--max-steps", "10")
+    capsys.readouterr()
+    quick_run(tmp_path, "--max-steps", "11", "--epochs", "4", "--warmup-epochs", "2")
+    out = capsys.readouterr().out
+    old = mokd.build_schedules(make_cfg("vit_tiny", "vit_tiny"), 8, 1)
+    new = mokd.build_schedules(make_cfg("vit_tiny", "vit_tiny", "--epochs", "4", "--warmup-epochs", "2"), 8, 1)
+    lr = f"lr_a {old['a']['main'][0][10]:.4g} -> {new['a']['main'][0][10]:.4g}"
+    momentum = f"momentum {old['momentum'][10]:.4g} -> {new['momentum'][10]:.4g}"
+    assert "at step 10 the new settings change the schedules" in out and lr in out and momentum in out, out
+    quick_run(tmp_path, "--max-steps", "12", "--epochs", "4", "--warmup-epochs", "2")
+    assert "change the schedules" not in capsys.readouterr().out
