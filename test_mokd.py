@@ -1959,3 +1959,20 @@ def test_a_resume_with_more_epochs_says_how_the_schedules_change(tmp_path, capsy
     assert "at step 10 the new settings change the schedules" in out and lr in out and momentum in out, out
     quick_run(tmp_path, "--max-steps", "12", "--epochs", "4", "--warmup-epochs", "2")
     assert "change the schedules" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_cached_probe_is_the_same_whatever_number_of_processes_extracted_the_features(trained, tmp_path):
+    """Issue 28.4: under torchrun the cached probe's lr was multiplied by the number of processes while it trained on
+    rank 0 alone (1 process top-1 22.0, 2 processes 21.7)."""
+    args = [os.path.join(HERE, "eval_linear.py"), "--checkpoint", trained["ckpt"], "--model", "a", "--cached-features",
+            "--epochs", "3", "--train-path", trained["train"], "--val-path", trained["val"], "--num-workers", "0",
+            "--device", "cpu", "--batch-size-per-gpu", "4"]
+    outs = []
+    for n, pre in ((1, [sys.executable]), (2, TORCHRUN + ["--nproc_per_node=2"])):
+        r = subprocess.run(pre + args + ["--output-dir", str(tmp_path / str(n))], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(torch.load(tmp_path / str(n) / "eval_linear_cached_model_a_teacher_linear.pth"))
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6, msg=k)  # the features: 1e-6 apart
