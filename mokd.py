@@ -1015,13 +1015,17 @@ class Logger:
 
 def save_views(ds, path, n=4):
     """views.png: the crops of the first n training images as the model receives them (augmented, before
-    normalisation): a row per image, g1, g2, then each local crop centred on a canvas of the global size."""
+    normalisation): a row per image, g1, g2, then each local crop centred on a canvas of the global size; crops are
+    enlarged x s, nearest neighbour, so that a cell is at least 64 px. Returns s."""
     cells = []
     for i in range(min(n, len(ds))):
         crops = ds[(0, i)]  # epoch 0's crops of image i: [g1, g2, l_1 .. l_n], uint8 (3, H, W)
-        G = crops[0].shape[-1]
-        cells += [F.pad(c, [(G - c.shape[-1]) // 2, (G - c.shape[-1] + 1) // 2] * 2) for c in crops]  # (3, G, G)
+        G, s = crops[0].shape[-1], math.ceil(64 / crops[0].shape[-1])
+        for c in crops:
+            c, pad = c.repeat_interleave(s, -1).repeat_interleave(s, -2), (G - c.shape[-1]) * s  # (3, h s, w s)
+            cells.append(F.pad(c, [pad // 2, (pad + 1) // 2] * 2))  # (3, G s, G s)
     torchvision.utils.save_image(torch.stack(cells).float() / 255, path, nrow=len(crops), pad_value=1.0)
+    return s
 
 def peak_memory_mb(device):
     if device.type == "cuda":
@@ -1158,7 +1162,7 @@ def start_report(cfg, ds, niter, end, world, device, S):
             "python": platform.python_version(), "device": hardware, "argv": sys.argv}
     with open(os.path.join(cfg["output_dir"], "config.json"), "w") as f:
         json.dump(info, f, indent=1)
-    save_views(ds, os.path.join(cfg["output_dir"], "views.png"))
+    scale = save_views(ds, os.path.join(cfg["output_dir"], "views.png"))
     data = cfg["data_path"] or "the built-in synthetic shapes (no --data-path)"
     data += f" (from {cfg['data_root']})" if cfg["data_path"] in DATASETS else ""
     lr = ", ".join(f"{m.upper()} {S[m]['main'][0].max():.3g} ({cfg[f'optimizer_{m}']})" for m in "ab")
@@ -1166,7 +1170,9 @@ def start_report(cfg, ds, niter, end, world, device, S):
           f"{cfg['global_crop_size']} + {cfg['local_crops_number']} x {cfg['local_crop_size']} px; data: {data}, "
           f"{len(ds)} images\n{niter} steps per epoch x {cfg['epochs']} epochs (this launch stops at step {end}); "
           f"global batch {cfg['batch_size_per_gpu'] * world}; peak lr {lr}; {cfg['precision']} on {world} x "
-          f"{device.type}{' (DDP)' if is_dist() else ''}; output: {cfg['output_dir']}", *lr_floor_warnings(cfg, world),
+          f"{device.type}{' (DDP)' if is_dist() else ''}; output: {cfg['output_dir']}\nviews.png: per image g1, g2 "
+          f"({cfg['global_crop_size']} px), {cfg['local_crops_number']} local crops ({cfg['local_crop_size']} px), "
+          f"drawn x{scale}", *lr_floor_warnings(cfg, world),
           sep="\n", flush=True)
 
 # ==== 10. The demo's report (`python mokd.py`, no --data-path). =======================================================

@@ -1504,12 +1504,17 @@ def test_a_named_dataset_without_its_files_or_network_says_where_they_go(tmp_pat
     assert "download=True" in err and "--data-root" in err and "Traceback" not in err
 
 
-def test_views_png_shows_every_crop_in_one_grid(tmp_path):
+def test_views_png_shows_every_crop_in_one_grid(tmp_path, capsys):
     mokd.main([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--max-steps", "1", "--output-dir",
                str(tmp_path)])
     img = Image.open(tmp_path / "views.png")
-    cell = 16 + 2  # a 16 px global crop and torchvision's 2 px padding; local crops are centred in such a cell
+    cell = 64 + 2  # 16 px crops drawn x4 (issue 28.9) and torchvision's 2 px padding; local crops centred in a cell
     assert img.size == (4 * cell + 2, 4 * cell + 2)  # 4 images x (2 global + 2 local crops)
+    g1 = torch.from_numpy(np.asarray(img)[2:66, 2:66]).permute(2, 0, 1)  # (3, 64, 64): nearest neighbour, 4x4 blocks
+    assert torch.equal(g1, g1[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2))
+    local = np.asarray(img)[2:66, 2 + 2 * cell:66 + 2 * cell]
+    assert (local[:16] == 0).all() and (local[16:48, 16:48] != 0).any()  # 8 px x4, centred on black
+    assert "views.png: per image g1, g2 (16 px), 2 local crops (8 px), drawn x4" in capsys.readouterr().out
 
 
 def test_a_long_evaluation_shows_progress_and_stops_on_a_signal_without_a_traceback(trained):
