@@ -404,7 +404,8 @@ def evaluate(args):
     if args.knn or args.cached_features:
         train_f, train_y = extract(feat, train_eval, "the training images", args, device, rank, world)
     base_lr = args.lr if args.lr is not None else (0.01 if arch in mokd.RESNETS else 0.001)
-    lr = base_lr * args.batch_size_per_gpu * world / 256
+    # The cached probe trains in one process on every feature: its batch, and so its lr, do not depend on the world.
+    lr = base_lr * args.batch_size_per_gpu * (1 if args.cached_features else world) / 256
     lin = None
     if args.knn:
         if rank == 0:

@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import signal
 import sys
 import tempfile
@@ -51,7 +52,7 @@ RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision; widths 512, 512, 
 VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 ARCHS = sorted(RESNETS) + sorted(VITS)
 LOSS_NAMES = ("L_sm", "L_st", "L_cm", "L_ct")
-# Run.step's values: the 8 terms, then per teacher the entropy of its outputs and of their batch mean (see entropy)
+# Run.step's values: the 8 terms, then per teacher the entropy of its outputs and of their global batch's mean
 VALUE_KEYS = [f"{m}.{k}" for m in "ab" for k in LOSS_NAMES] + ["a.entropy", "b.entropy", "a.batch_entropy",
                                                                 "b.batch_entropy"]
 
@@ -379,14 +380,20 @@ def cross_entropy(student, teacher, tau_t):
     """L_ct: mean_b[-sum_k softmax(t / tau_t) log softmax(s / tau_s)], no centre. Both (n*B, K)."""
     return (-(F.softmax(f32(teacher) / tau_t, -1) * F.log_softmax(f32(student) / STUDENT_TEMP, -1)).sum(-1)).mean()
 
-def entropy(teacher, center, tau_t):
-    """The two collapse signals of the teacher's centred, sharpened output p (N, K): the mean entropy of each image's
-    p, and the entropy of p's mean over the batch. Collapse to uniform: both near log K. Collapse onto one
-    prototype: both near 0. Healthy: the first well below log K, the second near it (confident and diverse)."""
-    def h(q):  # entropy over the last dimension
-        return -(q * torch.log(q.clamp_min(1e-12))).sum(-1)
-    p = F.softmax((f32(teacher) - center) / tau_t, dim=-1)  # (N, K)
-    return h(p).mean(), h(p.mean(0))
+def entropy(p):
+    """Entropy in nats over the last dimension of probabilities p (..., K). The collapse signals of a teacher's
+    centred, sharpened outputs p (N, K): entropy(p).mean() and the entropy of their mean over the global batch."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+
+def collapse_verdict(e, b, K, N):
+    """A teacher's state by the rule of README, "Outputs", from its collapse signals: e, the mean entropy of its
+    outputs, and b, the entropy of their mean over a global batch of N outputs of K."""
+    top = min(math.log(K), math.log(N))  # b of N confident outputs on N distinct prototypes (of K)
+    state = ("uniform (each output spreads over most prototypes)" if e > 0.8 * math.log(K) else
+             f"collapsed onto few prototypes (the batch uses about {math.exp(b):.0f})" if b < 0.5 * top else
+             "healthy (confident and diverse)")
+    return (f"{state}: entropy {e:.2f} (log K {math.log(K):.2f}), of the batch mean {b:.2f} (min(log K, log N) "
+            f"{top:.2f})")
 
 class Centres(nn.Module):
     """The six DINO centres: c_sm, c_st, c_cm for each model (L_ct has none)."""
@@ -397,16 +404,18 @@ class Centres(nn.Module):
                 self.register_buffer(f"{term}_{m}", torch.zeros(1, out_dim))
 
     @torch.no_grad()
-    def update(self, teachers):
-        """c <- 0.9 c + 0.1 mean over the global batch of t; teachers: {name: (2B, K)}. One all-reduce."""
+    def update(self, teachers, extra=()):
+        """c <- 0.9 c + 0.1 mean over the global batch of t; teachers: {name: (2B, K)}. One all-reduce, which also
+        sums the rows `extra` (each (K,)) over the ranks: -> (their means over the global batch, its size)."""
         names = list(teachers)
-        sums = torch.stack([f32(teachers[k]).sum(0) for k in names])  # (n, K)
+        sums = torch.stack([f32(teachers[k]).sum(0) for k in names] + list(extra))  # (n, K)
         count = len(teachers[names[0]])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
             count *= dist.get_world_size()
         for k, s in zip(names, sums):
             getattr(self, k).mul_(CENTER_MOMENTUM).add_(s / count, alpha=1 - CENTER_MOMENTUM)
+        return sums[len(names):] / count, count
 
 def model_losses(x, y, s, t_self, t_other, search_other, centres, tau_self, tau_cross, lam):
     """Model X's four terms and total L_X = L_sm + L_st + lambda_X (L_cm + L_ct) (spec: Losses of model X).
@@ -506,11 +515,11 @@ class Run:
         for x, y in (("a", "b"), ("b", "a")):
             totals[x], terms[x] = model_losses(x, y, s[x], t[x], t[y], srch[x], self.centres, S[x]["tau"][epoch],
                                                S["tau_cross"][epoch], cfg[f"lam_{x}"])
-        ents = {m: entropy(t[m]["m"], getattr(self.centres, f"sm_{m}"), S[m]["tau"][epoch]) for m in "ab"}
+        p = [F.softmax((f32(t[m]["m"]) - getattr(self.centres, f"sm_{m}")) / S[m]["tau"][epoch], -1) for m in "ab"]
         new = {f"sm_{m}": t[m]["m"] for m in "ab"}
         new.update({f"st_{m}": t[m]["t"] for m in "ab" if t[m]["t"] is not None})
         new.update({f"cm_{x}": t[y]["m"] for x, y in (("a", "b"), ("b", "a")) if cfg[f"lam_{x}"] > 0})
-        return totals, terms, ents, new
+        return totals, terms, p, new  # p: per teacher its centred, sharpened MLP-head outputs (2B, K)
 
     def step(self, crops, epoch, it, S):
         """One optimiser step of both models at global iteration `it`; returns its VALUE_KEYS values (12,)."""
@@ -518,7 +527,7 @@ class Run:
             for g in self.opts[m].param_groups:
                 lr, wd = S[m][g["sched"]]  # the group's schedule: (lr, weight decay) per iteration
                 g["lr"], g["weight_decay"] = float(lr[it]), float(wd[it]) if g["reg"] else 0.0
-        totals, terms, ents, new_teacher_outputs = self.losses(crops, epoch, S)
+        totals, terms, p, new_teacher_outputs = self.losses(crops, epoch, S)
         for m in "ab":  # separate backward passes: L_A only reaches student A, L_B only student B
             opt, scaler = self.opts[m], self.scalers[m]
             opt.zero_grad(set_to_none=True)
@@ -530,11 +539,11 @@ class Run:
                     p.grad = None
             scaler.step(opt)
             scaler.update()
-        self.centres.update(new_teacher_outputs)  # after the loss, as DINO
+        p_mean, _ = self.centres.update(new_teacher_outputs, [q.sum(0) for q in p])  # after the loss, as DINO
         for m in "ab":
             ema_update(*self.params[m], float(S["momentum"][it]))
         values = [terms[m][k].detach() for m in "ab" for k in LOSS_NAMES]
-        values += [ents[m][0].detach() for m in "ab"] + [ents[m][1].detach() for m in "ab"]
+        values += [entropy(q).mean() for q in p] + list(entropy(p_mean))
         return torch.stack(values)  # (12,): VALUE_KEYS order
 
     def state(self):
@@ -584,6 +593,16 @@ def build_schedules(cfg, niter, world_size):
                 "tau": teacher_temp_schedule(cfg["warmup_teacher_temp"], cfg["teacher_temp"],
                                              cfg[f"warmup_teacher_temp_epochs_{m}"], E)}
     return S
+
+def schedule_values(S, step, niter):
+    """The schedules' values at `step` (past a schedule's end: its last value): lr of each model's main group, EMA
+    momentum, teacher temperatures (log.jsonl's lr_a ... tau_cross)."""
+    def at(values, i):
+        return float(values[min(i, len(values) - 1)])
+    e = step // niter
+    return {"lr_a": at(S["a"]["main"][0], step), "lr_b": at(S["b"]["main"][0], step),
+            "momentum": at(S["momentum"], step),
+            "tau_a": at(S["a"]["tau"], e), "tau_b": at(S["b"]["tau"], e), "tau_cross": at(S["tau_cross"], e)}
 
 def lr_floor_warnings(cfg, world_size):
     """One line per final lr above its scaled peak (small global batches), which build_schedules lowers to the peak."""
@@ -757,10 +776,12 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.b
 
 def quiet_worker(_):
-    """DataLoader workers leave the process group that torchrun (or a scheduler) signals, and ignore Ctrl-C: a stop
-    never kills them before their rank has saved. They still end with the DataLoader, or when their rank dies."""
+    """DataLoader workers leave the process group that torchrun signals and ignore SIGINT and SIGTERM (a scheduler
+    signals every process): a stop never kills them before their rank has saved. They still end with the DataLoader,
+    or when their rank dies."""
     os.setpgrp()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 def worker_error_message(e):
     """An error raised in a DataLoader worker comes back with the worker's traceback text: keep our message."""
@@ -872,15 +893,52 @@ def check_resume_config(saved, cfg, path, rank):
         raise MOKDError(f"checkpoint {path!r} was trained with a different configuration; "
                         f"differing keys: {'; '.join(diff)}. Use another --output-dir or the saved settings.")
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.items()
-               if k not in ("resume", "output_dir", "max_steps") and saved.get(k, v) != v]
+               if k not in ("resume", "output_dir", "max_steps", "overwrite") and saved.get(k, v) != v]
     if changed:
         say(rank, f"warning: resuming {path} with settings that differ from its own (the new values apply from "
                   f"here on): {'; '.join(changed)}")
 
+def log_run(path, nbytes):
+    """The run id of log.jsonl's last record in its first nbytes bytes; False if they do not end with a whole record."""
+    with open(path, "rb") as f:
+        head = f.read(nbytes)
+    try:
+        return json.loads(head.splitlines()[-1]).get("run") if len(head) == nbytes and head.endswith(b"\n") else False
+    except (ValueError, IndexError):
+        return False
+
+def claim_output_dir(cfg, resume, saved, rank):
+    """-> how log.jsonl opens. A launch never destroys newer work unless --overwrite: --resume FILE is refused where
+    --output-dir holds checkpoint.pth (another file) or a later checkpointNNNN.pth, or another run's log.jsonl. A
+    resume cuts its run's log back to the checkpoint (steps logged after it run again: each appears once); a fresh
+    start, or --overwrite over another run's log, writes log.jsonl anew."""
+    out, log_path = cfg["output_dir"], os.path.join(cfg["output_dir"], "log.jsonl")
+    has_log = os.path.exists(log_path)
+    ours = saved is not None and has_log and log_run(log_path, saved.get("log_bytes", 0)) == saved.get("run_id")
+    if saved and not cfg["overwrite"]:
+        newer = [f for f in sorted(os.listdir(out)) if f.startswith("checkpoint") and f.endswith(".pth") and
+                 not os.path.samefile(resume, os.path.join(out, f)) and
+                 (f == "checkpoint.pth" or f[10:-4].isdigit() and int(f[10:-4]) > saved["epoch"])]
+        held = newer + (["a log.jsonl of another run"] if has_log and not ours else [])
+        if held:
+            raise MOKDError(f"--output-dir {out!r} holds {', '.join(held)}, which resuming {resume} (step "
+                            f"{saved['global_step']}) there would overwrite: give another --output-dir to continue "
+                            f"{resume} apart, or add --overwrite to replace them")
+    if rank == 0 and ours:
+        os.truncate(log_path, saved["log_bytes"])
+    elif rank == 0 and has_log:
+        say(rank, f"warning: {log_path} holds {'another run' if saved else 'a run that saved no checkpoint'}; "
+                  f"it is replaced")
+    return "a" if ours else "w"
+
 # ==== 9. The training loop: stops cleanly on a signal and on a non-finite loss, resumes exactly. ======================
 class StopRequest:
-    """`with StopRequest() as stop:` SIGTERM / SIGINT set stop.requested: the step during which a signal reached any
-    rank is the last; the run saves and exits. A second signal exits at once, without saving."""
+    """`with StopRequest(path) as stop:` SIGTERM / SIGINT set stop.requested: the step during which a signal reached
+    any rank is the last; the run saves it to `path` and exits. Another SIGINT (Ctrl-C) exits at once, without saving;
+    more SIGTERMs change nothing (a scheduler and torchrun may both signal a rank)."""
+    def __init__(self, path):
+        self.path = path
+
     def __enter__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -891,28 +949,31 @@ class StopRequest:
             signal.signal(s, h)
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            print(f"{signal.Signals(signum).name} received: the run finishes its current step, saves it to {self.path} "
+                  f"and stops (Ctrl-C again: stop at once, without saving)", file=sys.stderr, flush=True)
         self.requested = True
-        print(f"signal {signum}: saving after this step (another signal exits at once, without saving)",
-              file=sys.stderr, flush=True)
 
-    def agreed(self, group):
-        """True on every rank if a signal reached any rank: a tiny all-reduce on the CPU (gloo), no GPU sync."""
+    def agreed(self, group, save_due):
+        """(stop, save): whether a signal reached any rank, whether a periodic save is due on any rank; the same on
+        every rank: a tiny all-reduce on the CPU (gloo), no GPU sync."""
         if group is None:
-            return self.requested
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, group=group)
-        return flag.item() > 0
+            return self.requested, save_due
+        flags = torch.tensor([float(self.requested), float(save_due)])
+        dist.all_reduce(flags, group=group)
+        return flags[0].item() > 0, flags[1].item() > 0
 
 class Logger:
     """Holds each step's VALUE_KEYS values on the device; `check` reads them once per log interval (averaged over
     ranks), stops on a non-finite value (never saved), and on rank 0 writes log.jsonl and the console line."""
-    def __init__(self, cfg, path, rank, world, S, niter, total, device, last_ckpt):
+    def __init__(self, cfg, path, mode, run_id, rank, world, S, niter, total, device, last_ckpt):
         self.cfg, self.rank, self.world, self.S, self.niter, self.total = cfg, rank, world, S, niter, total
-        self.device, self.last_ckpt = device, last_ckpt
-        self.file = open(path, "a") if rank == 0 else None
+        self.device, self.last_ckpt, self.run_id = device, last_ckpt, run_id
+        self.file = open(path, mode) if rank == 0 else None
         self.pending, self.steps, self.t = [], 0, time.time()
+        self.saved_at = self.t
 
     def check(self, log_it):
         # DEVIATION: DINO checks loss.item() every step (a host sync each step); the steps are checked in batches.
@@ -929,6 +990,7 @@ class Logger:
                     raise MOKDError(f"non-finite loss: model {model.upper()} term {term} = {v} at step {step}. "
                                     f"Last good checkpoint: {self.last_ckpt or 'none written yet'} (left intact).")
         self.steps += len(self.pending)
+        self.last = (self.pending[-1][0], dict(zip(VALUE_KEYS, rows[-1])))  # for the collapse verdict at the end
         if self.rank == 0 and log_it:
             self.write(self.pending[-1][0], dict(zip(VALUE_KEYS, rows[-1])))
         self.pending.clear()
@@ -937,11 +999,9 @@ class Logger:
         """One log.jsonl record and one console line for `step` (vals: its VALUE_KEYS values)."""
         S, epoch, now = self.S, step // self.niter, time.time()
         rate = self.steps * self.cfg["batch_size_per_gpu"] * self.world / max(now - self.t, 1e-9)
-        rec = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in vals.items()},
-               "lr_a": float(S["a"]["main"][0][step]), "lr_b": float(S["b"]["main"][0][step]),
-               "momentum": float(S["momentum"][step]), "tau_a": float(S["a"]["tau"][epoch]),
-               "tau_b": float(S["b"]["tau"][epoch]), "tau_cross": float(S["tau_cross"][epoch]),
-               "images_per_s": round(rate, 2), "peak_mem_mb": peak_memory_mb(self.device)}
+        rec = {"step": step, "epoch": epoch, "run": self.run_id, **{k: round(v, 6) for k, v in vals.items()},
+               **schedule_values(S, step, self.niter), "images_per_s": round(rate, 2),
+               "peak_mem_mb": peak_memory_mb(self.device)}
         for m in "ab":  # cross terms are not computed with lambda 0
             if self.cfg[f"lam_{m}"] == 0:
                 rec[f"{m}.L_cm"] = rec[f"{m}.L_ct"] = None
@@ -955,13 +1015,17 @@ class Logger:
 
 def save_views(ds, path, n=4):
     """views.png: the crops of the first n training images as the model receives them (augmented, before
-    normalisation): a row per image, g1, g2, then each local crop centred on a canvas of the global size."""
+    normalisation): a row per image, g1, g2, then each local crop centred on a canvas of the global size; crops are
+    enlarged x s, nearest neighbour, so that a cell is at least 64 px. Returns s."""
     cells = []
     for i in range(min(n, len(ds))):
         crops = ds[(0, i)]  # epoch 0's crops of image i: [g1, g2, l_1 .. l_n], uint8 (3, H, W)
-        G = crops[0].shape[-1]
-        cells += [F.pad(c, [(G - c.shape[-1]) // 2, (G - c.shape[-1] + 1) // 2] * 2) for c in crops]  # (3, G, G)
+        G, s = crops[0].shape[-1], math.ceil(64 / crops[0].shape[-1])
+        for c in crops:
+            c, pad = c.repeat_interleave(s, -1).repeat_interleave(s, -2), (G - c.shape[-1]) * s  # (3, h s, w s)
+            cells.append(F.pad(c, [pad // 2, (pad + 1) // 2] * 2))  # (3, G s, G s)
     torchvision.utils.save_image(torch.stack(cells).float() / 255, path, nrow=len(crops), pad_value=1.0)
+    return s
 
 def peak_memory_mb(device):
     if device.type == "cuda":
@@ -976,7 +1040,7 @@ def save_checkpoint(run, log, step, niter, path):
     freq = run.cfg["saveckp_freq"]
     if log.rank == 0:
         state = {"config": run.cfg, "epoch": epoch, "step_in_epoch": it, "global_step": step,
-                 "steps_per_epoch": niter, "log_bytes": log.file.tell(), **run.state()}
+                 "steps_per_epoch": niter, "log_bytes": log.file.tell(), "run_id": log.run_id, **run.state()}
         try:
             atomic_save(state, path)
             if freq and it == 0 and epoch % freq == 0:  # DINO's --saveckp_freq
@@ -984,32 +1048,48 @@ def save_checkpoint(run, log, step, niter, path):
         except OSError as e:  # a full disk, a lost mount: the previous file is intact (atomic_save)
             raise MOKDError(f"cannot write a checkpoint into {os.path.dirname(path)!r} at step {step}: "
                             f"{e.strerror or e}. Still good: {log.last_ckpt or 'no checkpoint yet'}") from None
-    log.last_ckpt = path
+    log.last_ckpt, log.saved_at = path, time.time()
 
 def train_epoch(run, loader, log, S, step, end, stop, stop_group):
     """Steps until the epoch, the run (`end`) or a signal ends; -> (next step, stopped by a signal)."""
-    cfg, stats = run.cfg, image_stats(run.device)
-    try:
-        for crops in loader:
-            # DEVIATION: per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
-            torch.manual_seed(hash((cfg["seed"], log.rank, step)) & 0x7FFFFFFF)
-            log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, S)))
-            if step % cfg["log_every"] == 0 or step == end - 1:
-                log.check(log_it=True)
-            step += 1
-            if stop.agreed(stop_group):
+    cfg, stats, batches = run.cfg, image_stats(run.device), iter(loader)
+    # A dead worker is found when the next batch is fetched, at a step boundary: PyTorch's SIGCHLD handler would
+    # raise wherever the step is and leave it half applied.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while step < end:
+        try:
+            crops = next(batches)
+        except StopIteration:
+            break
+        except MOKDError as e:  # raised in a worker: it carries the worker's traceback text
+            raise MOKDError(worker_error_message(e)) from None
+        except RuntimeError as e:  # a worker was killed (SIGKILL, out of memory): the last step is complete
+            if stop.requested and run.world == 1:
                 return step, True
-            if step >= end:
-                break
-    except MOKDError as e:  # raised here, or in a worker (then it carries the worker's traceback text)
-        raise MOKDError(worker_error_message(e)) from None
-    except RuntimeError:  # a scheduler's SIGTERM to every process also killed the workers
-        if not (stop.requested and run.world == 1):
-            raise
-        return step, True  # the model is at the end of a complete step: save it
+            raise MOKDError(f"a DataLoader worker died ({e}) after step {step - 1}; nothing was saved since "
+                            f"{log.last_ckpt or 'the start'}") from None
+        # DEVIATION: per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
+        torch.manual_seed(hash((cfg["seed"], log.rank, step)) & 0x7FFFFFFF)
+        log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, S)))
+        if step % cfg["log_every"] == 0 or step == end - 1:
+            log.check(log_it=True)
+        step += 1
+        stopped, due = stop.agreed(stop_group, 0 < cfg["saveckp_minutes"] * 60 <= time.time() - log.saved_at)
+        if stopped:
+            return step, True
+        if due and step % log.niter and step < end:  # a hard kill loses at most --saveckp-minutes of work
+            save_checkpoint(run, log, step, log.niter, stop.path)
     return step, False
 
-EVALUATE = "Evaluate: python eval_linear.py --checkpoint {} --model a --knn --train-path TRAIN_DIR --val-path VAL_DIR"
+def eval_command(cfg, ckpt_path):
+    """The k-NN evaluation that fits this run: its named dataset's test split, a held-out folder of the user's classes,
+    or (no --data-path) held-out synthetic images."""
+    cmd, data = f"python eval_linear.py --checkpoint {shlex.quote(ckpt_path)} --knn", cfg["data_path"]
+    if data in DATASETS:
+        cmd += f" --train-path {data} --val-path {data} --data-root {shlex.quote(cfg['data_root'])}"
+    elif data:
+        cmd += f" --train-path {shlex.quote(data)} --val-path HELD_OUT_FOLDER"
+    return f"evaluate: {cmd}   # model A; --model b for B"
 
 def train(cfg, rank, world, device, stop):
     """The training loop. `stop` (a StopRequest) is set by SIGTERM / SIGINT: the step completes, every rank saves."""
@@ -1035,19 +1115,23 @@ def train(cfg, rank, world, device, stop):
                       f"has {niter}: epoch {epoch} restarts from its first step")
             it = 0
         step = epoch * niter + it
-        if rank == 0 and os.path.exists(log_path):  # steps logged after the checkpoint run again: each appears once
-            os.truncate(log_path, min(saved.get("log_bytes", math.inf), os.path.getsize(log_path)))
+        old = schedule_values(build_schedules({**cfg, **saved["config"]}, niter, world), step, niter)
+        jumps = [f"{k} {old[k]:.4g} -> {v:.4g}" for k, v in schedule_values(S, step, niter).items()
+                 if not math.isclose(v, old[k], rel_tol=1e-6)]
+        if jumps:
+            say(rank, f"warning: at step {step} the new settings change the schedules: {', '.join(jumps)}")
+    log_mode, run_id = claim_output_dir(cfg, resume, saved, rank), saved.get("run_id") if saved else os.urandom(6).hex()
     del saved
     if step >= end:
         done = f"a finished run ({cfg['epochs']} epochs, {step} steps)" if step >= all_steps else f"at step {step}"
-        return say(rank, f"{resume} is {done}: nothing to do. {EVALUATE.format(ckpt_path)}")
+        return say(rank, f"{resume} is {done}: nothing to do.\n{eval_command(cfg, resume)}")
     if resume:
         say(rank, f"resumed from {resume}: continues with step {step} (epoch {step // niter})")
     if rank == 0:
         start_report(cfg, ds, niter, end, world, device, S)
     # Every rank learns of a signal after each step (on the CPU: no GPU sync), so all stop after the same step.
     stop_group = None if world == 1 else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    log = Logger(cfg, log_path, rank, world, S, niter, end, device, last_ckpt=resume)
+    log = Logger(cfg, log_path, log_mode, run_id, rank, world, S, niter, end, device, last_ckpt=resume)
     stopped = False
     try:
         while step < end and not stopped:  # one epoch per iteration
@@ -1057,13 +1141,16 @@ def train(cfg, rank, world, device, stop):
     finally:
         if log.file:
             log.file.close()
-    if stopped:
-        say(rank, f"stopped by signal after step {step - 1}; relaunch the same command to resume")
-    elif step < all_steps:
-        say(rank, f"--max-steps {cfg['max_steps']} reached; checkpoint written to {ckpt_path}")
-    else:
-        say(rank, f"finished: {cfg['epochs']} epochs, {step} steps. {EVALUATE.format(ckpt_path)}")
-        if rank == 0 and not cfg["data_path"]:
+    if rank == 0:
+        print(f"stopped by signal after step {step - 1}; relaunch the same command to resume" if stopped else
+              f"--max-steps {cfg['max_steps']} reached" if step < all_steps else
+              f"finished: {cfg['epochs']} epochs, {step} steps", f"checkpoint: {ckpt_path}", sep="; ")
+        for m in "ab":  # N: 2 global crops per image of the global batch
+            e, b = (log.last[1][f"{m}.{k}"] for k in ("entropy", "batch_entropy"))
+            print(f"teacher {m.upper()} ({cfg[f'arch_{m}']}) at step {log.last[0]}: "
+                  f"{collapse_verdict(e, b, cfg['out_dim'], 2 * cfg['batch_size_per_gpu'] * world)}")
+        print(eval_command(cfg, ckpt_path), flush=True)
+        if step >= all_steps and not cfg["data_path"]:
             demo_report(cfg, log_path, ckpt_path)
     return run
 
@@ -1075,7 +1162,7 @@ def start_report(cfg, ds, niter, end, world, device, S):
             "python": platform.python_version(), "device": hardware, "argv": sys.argv}
     with open(os.path.join(cfg["output_dir"], "config.json"), "w") as f:
         json.dump(info, f, indent=1)
-    save_views(ds, os.path.join(cfg["output_dir"], "views.png"))
+    scale = save_views(ds, os.path.join(cfg["output_dir"], "views.png"))
     data = cfg["data_path"] or "the built-in synthetic shapes (no --data-path)"
     data += f" (from {cfg['data_root']})" if cfg["data_path"] in DATASETS else ""
     lr = ", ".join(f"{m.upper()} {S[m]['main'][0].max():.3g} ({cfg[f'optimizer_{m}']})" for m in "ab")
@@ -1083,29 +1170,27 @@ def start_report(cfg, ds, niter, end, world, device, S):
           f"{cfg['global_crop_size']} + {cfg['local_crops_number']} x {cfg['local_crop_size']} px; data: {data}, "
           f"{len(ds)} images\n{niter} steps per epoch x {cfg['epochs']} epochs (this launch stops at step {end}); "
           f"global batch {cfg['batch_size_per_gpu'] * world}; peak lr {lr}; {cfg['precision']} on {world} x "
-          f"{device.type}{' (DDP)' if is_dist() else ''}; output: {cfg['output_dir']}", *lr_floor_warnings(cfg, world),
+          f"{device.type}{' (DDP)' if is_dist() else ''}; output: {cfg['output_dir']}\nviews.png: per image g1, g2 "
+          f"({cfg['global_crop_size']} px), {cfg['local_crops_number']} local crops ({cfg['local_crop_size']} px), "
+          f"drawn x{scale}", *lr_floor_warnings(cfg, world),
           sep="\n", flush=True)
 
 # ==== 10. The demo's report (`python mokd.py`, no --data-path). =======================================================
 def demo_report(cfg, log_path, ckpt_path):
-    """Each loss term's first and last logged value, both collapse signals against log K, the checkpoint and what to
-    try next; the last line is one JSON object."""
+    """Each loss term's first and last logged value and what to try next; the last line is one JSON object."""
     with open(log_path) as f:
         records = [json.loads(line) for line in f]
     first, last, log_k = records[0], records[-1], math.log(cfg["out_dim"])
     report = {m: {"arch": cfg[f"arch_{m}"], "first": {k: first[f"{m}.{k}"] for k in LOSS_NAMES},
                   "last": {k: last[f"{m}.{k}"] for k in LOSS_NAMES}, "entropy": last[f"{m}.entropy"],
                   "batch_entropy": last[f"{m}.batch_entropy"]} for m in "ab"}
-    print(f"\nloss terms, logged step {first['step']} -> {last['step']}, and the teachers' collapse signals (log K = "
-          f"{log_k:.2f}; near log K: uniform; near 0: one prototype; healthy: entropy low, of the batch mean high):")
+    print(f"\nloss terms, logged step {first['step']} -> {last['step']}:")
     for m, r in report.items():
         terms = [f"{k} {r['first'][k]:.2f} -> {r['last'][k]:.2f}" for k in LOSS_NAMES if r["first"][k] is not None]
-        print(f"  {m.upper()} ({r['arch']}): {', '.join(terms)}; entropy {r['entropy']:.2f}, of its batch mean "
-              f"{r['batch_entropy']:.2f}")
-    print(f"checkpoint: {ckpt_path}\nThis run checks that the whole method runs end to end; it is too short to learn "
-          f"(about 100 CPU steps did not lift DINO-family features above random ones here): that takes real data.\n"
-          f"next: python eval_linear.py --checkpoint {ckpt_path} --knn   # k-NN on held-out synthetic images\n"
-          f"      python mokd.py --recipe cifar10 --data-path cifar10 --output-dir OUT   # train on CIFAR-10")
+        print(f"  {m.upper()} ({r['arch']}): {', '.join(terms)}")
+    print("This run checks that the whole method runs end to end; it is too short to learn (about 100 CPU steps did "
+          "not lift DINO-family features above random ones here): that takes real data.\n"
+          "next: python mokd.py --recipe cifar10 --data-path cifar10 --output-dir OUT   # train on CIFAR-10")
     print(json.dumps({**report, "log_K": round(log_k, 3), "checkpoint": ckpt_path}), flush=True)
 
 # ==== 11. The command line: a recipe gives every default (two-stage parse), argparse types validate single flags. =====
@@ -1208,7 +1293,11 @@ def build_parser(recipe="demo", arch_a=None, arch_b=None, epochs=None):
     a("--num-workers", type=count, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
     a("--output-dir", default="output", help="checkpoint.pth, log.jsonl and config.json go here")
     a("--resume", help="resume from this checkpoint (default: OUTPUT_DIR/checkpoint.pth if present)")
+    a("--overwrite", action="store_true", help="let --resume replace newer checkpoints and another run's log in "
+      "--output-dir (refused without it)")
     a("--saveckp-freq", type=count, default=0, help="also keep checkpointNNNN.pth every N epochs (0: never)")
+    a("--saveckp-minutes", type=non_negative, default=30, help="also write checkpoint.pth mid-epoch every N minutes: "
+      "a hard kill (kill -9, out of memory, node lost) loses at most that (0: at epoch ends only)")
     a("--seed", type=int, default=0, help="seed of the initial weights, the data order and the augmentations")
     a("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     a("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
@@ -1275,7 +1364,8 @@ def main(argv=None):
         check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         rank, world, device = setup_distributed(cfg)
         try:
-            with StopRequest() as stop:  # installed before anything is built: a signal during start-up still saves
+            # Installed before anything is built: a signal during start-up still saves.
+            with StopRequest(os.path.join(cfg["output_dir"], "checkpoint.pth")) as stop:
                 train(cfg, rank, world, device, stop)
             return None
         finally:

@@ -161,17 +161,21 @@ def test_entropy_tells_the_two_collapses_from_a_healthy_teacher(N, K, seed):
     """Uniform outputs: both signals at log K; every image on one prototype: both near 0; image i confidently on
     prototype i mod K: per-image entropy near 0, batch-mean entropy that of the prototypes' shares of the batch."""
     g = torch.Generator().manual_seed(seed)
+
+    def signals(teacher, centre, tau_t):  # as Run.losses and Run.step measure them (here one process)
+        p = F.softmax((teacher - centre) / tau_t, dim=-1)
+        return mokd.entropy(p).mean(), mokd.entropy(p.mean(0))
     c = torch.randn(1, K, generator=g)
-    per_image, of_mean = mokd.entropy(c.expand(N, K), c, 0.04)  # logits equal to the centre: uniform
+    per_image, of_mean = signals(c.expand(N, K), c, 0.04)  # logits equal to the centre: uniform
     assert per_image.item() == pytest.approx(math.log(K), rel=1e-5)
     assert of_mean.item() == pytest.approx(math.log(K), rel=1e-5)
     one = torch.zeros(N, K)
     one[:, int(torch.randint(K, (1,), generator=g))] = 1.0
-    per_image, of_mean = mokd.entropy(one, torch.zeros(1, K), 0.01)
+    per_image, of_mean = signals(one, torch.zeros(1, K), 0.01)
     assert per_image.item() < 1e-3 and of_mean.item() < 1e-3
     own = torch.zeros(N, K)
     own[torch.arange(N), torch.arange(N) % K] = 1.0
-    per_image, of_mean = mokd.entropy(own, torch.zeros(1, K), 0.01)
+    per_image, of_mean = signals(own, torch.zeros(1, K), 0.01)
     shares = torch.bincount(torch.arange(N) % K).double() / N
     assert per_image.item() < 1e-3
     assert of_mean.item() == pytest.approx(-(shares * shares.log()).sum().item(), abs=1e-3)
@@ -701,8 +705,8 @@ def test_torchrun_two_processes_match_one_process_after_updates(tmp_path):
     logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "two")]
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [0, 1, 2]
     for rec1, rec2 in zip(*logs):
-        for k in [f"{m}.{t}" for m in "ab" for t in mokd.LOSS_NAMES]:
-            assert rec2[k] == pytest.approx(rec1[k], rel=1e-4), (rec1["step"], k)
+        for k in [f"{m}.{t}" for m in "ab" for t in mokd.LOSS_NAMES + ("entropy", "batch_entropy")]:
+            assert rec2[k] == pytest.approx(rec1[k], rel=1e-4), (rec1["step"], k)  # collapse signals: global batch
 
 
 @pytest.mark.slow
@@ -730,7 +734,7 @@ def test_demo_cli_mixed_pair_runs_reports_and_its_checkpoint_evaluates(tmp_path,
     for m in "ab":  # the report's first and last values are the log's
         assert res[m]["first"]["L_ct"] == log[0][f"{m}.L_ct"] and res[m]["last"]["L_sm"] == log[-1][f"{m}.L_sm"]
         assert res[m]["batch_entropy"] == log[-1][f"{m}.batch_entropy"]
-    for part in ("log K = 4.16", "loss terms, logged step 0 -> 7", "L_ct", f"checkpoint: {tmp_path / 'checkpoint.pth'}",
+    for part in ("(log K 4.16)", "loss terms, logged step 0 -> 7", "L_ct", f"checkpoint: {tmp_path / 'checkpoint.pth'}",
                  "end to end", "--recipe cifar10", f"eval_linear.py --checkpoint {tmp_path / 'checkpoint.pth'} --knn"):
         assert part in r.stdout, part
     keys = {"a.entropy", "b.batch_entropy", "lr_a", "momentum", "tau_cross", "images_per_s", "peak_mem_mb"}
@@ -1465,7 +1469,7 @@ def test_start_summary_end_message_and_a_finished_relaunch(tmp_path):
     for part in ("recipe demo: vit_tiny (A) + resnet18 (B)", "synthetic shapes (no --data-path), 32 images",
                  "8 steps per epoch x 1 epochs", "global batch 4", "peak lr A", "fp32 on 1 x cpu",
                  f"output: {tmp_path}",
-                 "finished: 1 epochs, 8 steps.", f"python eval_linear.py --checkpoint {tmp_path / 'checkpoint.pth'}"):
+                 "finished: 1 epochs, 8 steps;", f"python eval_linear.py --checkpoint {tmp_path / 'checkpoint.pth'}"):
         assert part in r.stdout, part
     again = run_cli(base)
     assert again.returncode == 0 and "is a finished run (1 epochs, 8 steps): nothing to do" in again.stdout
@@ -1782,12 +1786,17 @@ def test_a_named_dataset_without_its_files_or_network_says_where_they_go(tmp_pat
     assert "download=True" in err and "--data-root" in err and "Traceback" not in err
 
 
-def test_views_png_shows_every_crop_in_one_grid(tmp_path):
+def test_views_png_shows_every_crop_in_one_grid(tmp_path, capsys):
     mokd.main([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--max-steps", "1", "--output-dir",
                str(tmp_path)])
     img = Image.open(tmp_path / "views.png")
-    cell = 16 + 2  # a 16 px global crop and torchvision's 2 px padding; local crops are centred in such a cell
+    cell = 64 + 2  # 16 px crops drawn x4 (issue 28.9) and torchvision's 2 px padding; local crops centred in a cell
     assert img.size == (4 * cell + 2, 4 * cell + 2)  # 4 images x (2 global + 2 local crops)
+    g1 = torch.from_numpy(np.asarray(img)[2:66, 2:66]).permute(2, 0, 1)  # (3, 64, 64): nearest neighbour, 4x4 blocks
+    assert torch.equal(g1, g1[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2))
+    local = np.asarray(img)[2:66, 2 + 2 * cell:66 + 2 * cell]
+    assert (local[:16] == 0).all() and (local[16:48, 16:48] != 0).any()  # 8 px x4, centred on black
+    assert "views.png: per image g1, g2 (16 px), 2 local crops (8 px), drawn x4" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -2213,3 +2222,208 @@ def test_blur_draws_from_torch_have_dinos_distribution(monkeypatch):
     ks = np.max(np.abs(np.searchsorted(ours_sorted, grid) / len(ours_sorted) -
                        np.searchsorted(theirs_sorted, grid) / len(theirs_sorted)))
     assert ks < 0.03 and 0.1 <= min(radii) and max(radii) <= 2.0  # two-sample KS distance
+
+
+# ==== Issue 28: work that survives a cluster's stop, numbers that do not depend on the launch ====
+import random  # noqa: E402
+import signal  # noqa: E402
+
+TREE = [*TINY, "--arch-a", "resnet18", "--arch-b", "vit_tiny", "--log-every", "1", "--num-workers", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def process_tree(pid):
+    """pid and every descendant, from /proc (what a cgroup-based scheduler signals)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def wait_for_log(out, n, proc, timeout=300):
+    """Wait until log.jsonl holds n records (the run is inside its training loop), or fail if the run ended."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "log.jsonl").exists() and len(open(out / "log.jsonl").readlines()) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the run logged fewer than {n} steps (exit status {proc.poll()})")
+
+
+def launcher(nproc):
+    return TORCHRUN + [f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_to_every_process_of_the_tree_saves_a_step_boundary_and_the_relaunch_is_bit_identical(tmp_path,
+                                                                                                        nproc):
+    """Issue 28.1: a scheduler signals every PID of the job, DataLoader workers included (torchrun, 2 ranks, 1 worker
+    each: the ranks died with 'DataLoader worker is killed by signal'; 1 process saved a half-applied step)."""
+    out = tmp_path / "o"
+    args = [os.path.join(HERE, "mokd.py"), *TREE, "--epochs", "50", "--output-dir", str(out)]
+    proc = subprocess.Popen(launcher(nproc) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        wait_for_log(out, random.randint(1, 4), proc)
+        tree = process_tree(proc.pid)
+        assert len(tree) == 1 + (nproc > 1) * nproc + nproc  # torchrun, its ranks, one worker per rank
+        for pid in tree:
+            os.kill(pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert "stopped by signal" in stdout, stderr[-3000:]
+    for part in ("teacher A (resnet18) at step", "teacher B (vit_tiny) at step", "evaluate: python eval_linear.py"):
+        assert part in stdout, part  # issue 31.4, 31.5: at every end
+    assert not re.search(r"^error|RuntimeError|DataLoader worker", stderr, re.M), stderr[-3000:]
+    stop = torch.load(out / "checkpoint.pth", weights_only=True)["global_step"]
+    assert log_steps(out) == list(range(stop))
+    end = ["--max-steps", str(stop + 2)]
+    r = run_cli(args[1:] + end, nproc=nproc, torchrun=nproc > 1)  # the relaunch
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"teacher A (resnet18) at step {stop + 1}: " in r.stdout and r.stdout.count("evaluate: ") == 1, r.stdout
+    ref = run_cli([*args[1:-1], str(tmp_path / "ref"), *end], nproc=nproc, torchrun=nproc > 1)  # never interrupted
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    resumed, _ = checkpoint_tensors(out / "checkpoint.pth")
+    full, _ = checkpoint_tensors(tmp_path / "ref" / "checkpoint.pth")
+    assert resumed.keys() == full.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), (stop, k)
+
+
+def quick_run(out, *extra):
+    mokd.main([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--log-every", "1", "--output-dir", str(out),
+               *extra])
+
+
+@pytest.mark.slow
+def test_a_resume_never_destroys_newer_work_without_overwrite(tmp_path, capsys):
+    """Issue 28.2: --resume OLD.pth into a folder with a newer run cut its log from 12 records to 3 and overwrote
+    its checkpoint.pth; another run's checkpoint cut the log mid-line."""
+    d, other = tmp_path / "d", tmp_path / "other"
+    quick_run(d, "--saveckp-freq", "1", "--max-steps", "12")  # 8 steps per epoch: checkpoint0001.pth at step 8
+    quick_run(other, "--max-steps", "3")
+    before = {f: (d / f).read_bytes() for f in ("checkpoint.pth", "log.jsonl")}
+    capsys.readouterr()
+    for resume in (d / "checkpoint0001.pth", other / "checkpoint.pth"):
+        err = cli_error(capsys, *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--log-every", "1",
+                        "--output-dir", str(d), "--resume", str(resume))
+        assert "holds checkpoint.pth" in err and "--overwrite" in err, err
+        assert {f: (d / f).read_bytes() for f in before} == before
+    (d / "checkpoint.pth").unlink()  # the log alone: another run's is refused, this run's is cut back
+    err = cli_error(capsys, *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--output-dir", str(d), "--resume",
+                    str(other / "checkpoint.pth"))
+    assert "a log.jsonl of another run" in err and (d / "log.jsonl").read_bytes() == before["log.jsonl"], err
+    quick_run(d, "--resume", str(d / "checkpoint0001.pth"), "--max-steps", "10")
+    assert log_steps(d) == list(range(10))
+    quick_run(d, "--resume", str(other / "checkpoint.pth"), "--max-steps", "5", "--overwrite")
+    assert "holds another run; it is replaced" in capsys.readouterr().out
+    assert log_steps(d) == [3, 4]
+
+
+@pytest.mark.slow
+def test_a_fresh_start_after_a_kill_does_not_append_to_the_dead_runs_log(tmp_path, capsys):
+    """Issue 28.3: killed before its first checkpoint, the next start's records followed the dead run's (0-4, 0-5)."""
+    quick_run(tmp_path, "--max-steps", "5")
+    (tmp_path / "checkpoint.pth").unlink()  # what kill -9 before the first save leaves
+    quick_run(tmp_path, "--max-steps", "6")
+    assert "a run that saved no checkpoint; it is replaced" in capsys.readouterr().out
+    assert log_steps(tmp_path) == list(range(6))
+
+
+def test_checkpoints_are_written_mid_epoch_every_saveckp_minutes(tmp_path, monkeypatch):
+    """Issue 28.3: a hard kill loses at most --saveckp-minutes of work. Here the clock moves 5 minutes per reading:
+    with --saveckp-minutes 15 the run saves within its epoch (8 steps); with 0 only where it ends (step 6)."""
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 300.0
+        return clock[0]
+    saves = []
+    real_save = mokd.save_checkpoint
+    monkeypatch.setattr(mokd.time, "time", tick)
+    monkeypatch.setattr(mokd, "save_checkpoint", lambda run, log, step, *a: saves.append(step) or
+                        real_save(run, log, step, *a))
+    for minutes, expected in (("15", None), ("0", [6])):
+        saves.clear()
+        quick_run(tmp_path / minutes, "--max-steps", "6", "--saveckp-minutes", minutes)
+        assert saves == expected or (len(saves) > 2 and saves[-1] == 6 and expected is None), saves
+        assert torch.load(tmp_path / minutes / "checkpoint.pth", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.parametrize("K, N", [(65536, 64), (65536, 512), (4096, 512), (64, 64)])
+def test_the_collapse_verdict_reads_healthy_uniform_and_few_prototypes_at_realistic_batches(K, N):
+    """Issue 28.5: the batch-mean entropy is bounded by log N, so against log K a healthy teacher read as collapsing
+    (4.16 against 11.09 for the ImageNet recipe on one GPU). Logits as a weight-normalised last layer gives them
+    (cosines), centred and sharpened as in Run.losses (tau_t 0.04), N = 2 x the global batch."""
+    g = torch.Generator().manual_seed(0)
+
+    def verdict(logits):
+        p = F.softmax(logits / 0.04, dim=-1)
+        return mokd.collapse_verdict(mokd.entropy(p).mean().item(), mokd.entropy(p.mean(0)).item(), K, N)
+    noise = 0.05 * torch.randn(N, K, generator=g)
+    healthy = noise.clone()
+    healthy[torch.arange(N), torch.randint(K, (N,), generator=g)] += 1.0  # each output confident, prototypes spread
+    few = noise.clone()
+    few[torch.arange(N), torch.randint(3, (N,), generator=g)] += 1.0  # every output on one of 3 prototypes
+    assert verdict(healthy).startswith("healthy"), verdict(healthy)
+    assert verdict(0.001 * noise).startswith("uniform"), verdict(0.001 * noise)
+    assert verdict(few).startswith("collapsed onto few prototypes (the batch uses about 3)"), verdict(few)
+    one = verdict(few[:, :1] * 0 + healthy * 0 + torch.nn.functional.one_hot(torch.zeros(N, dtype=torch.long), K))
+    assert one.startswith("collapsed onto few prototypes (the batch uses about 1)"), one
+
+
+def test_the_evaluation_command_fits_the_run():
+    """Issue 31.4: one command, with the run's own data where it has some."""
+    cmd = mokd.eval_command({"data_path": None, "data_root": "data"}, "out/checkpoint.pth")
+    assert cmd.startswith("evaluate: python eval_linear.py --checkpoint out/checkpoint.pth --knn ") and "path" not in cmd
+    cmd = mokd.eval_command({"data_path": "cifar10", "data_root": "my data"}, "o/checkpoint.pth")
+    assert "--train-path cifar10 --val-path cifar10 --data-root 'my data'" in cmd
+    cmd = mokd.eval_command({"data_path": "/img/train", "data_root": "data"}, "o/checkpoint.pth")
+    assert "--train-path /img/train --val-path HELD_OUT_FOLDER" in cmd
+
+
+@pytest.mark.slow
+def test_a_resume_with_more_epochs_says_how_the_schedules_change(tmp_path, capsys):
+    """Issue 28.6: the lr jumped from 0.0050 to 0.0153 and the momentum fell at the resume step, unsaid."""
+    quick_run(tmp_path, "--max-steps", "10")
+    capsys.readouterr()
+    quick_run(tmp_path, "--max-steps", "11", "--epochs", "4", "--warmup-epochs", "2")
+    out = capsys.readouterr().out
+    old = mokd.build_schedules(make_cfg("vit_tiny", "vit_tiny"), 8, 1)
+    new = mokd.build_schedules(make_cfg("vit_tiny", "vit_tiny", "--epochs", "4", "--warmup-epochs", "2"), 8, 1)
+    lr = f"lr_a {old['a']['main'][0][10]:.4g} -> {new['a']['main'][0][10]:.4g}"
+    momentum = f"momentum {old['momentum'][10]:.4g} -> {new['momentum'][10]:.4g}"
+    assert "at step 10 the new settings change the schedules" in out and lr in out and momentum in out, out
+    quick_run(tmp_path, "--max-steps", "12", "--epochs", "4", "--warmup-epochs", "2")
+    assert "change the schedules" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_cached_probe_is_the_same_whatever_number_of_processes_extracted_the_features(trained, tmp_path):
+    """Issue 28.4: under torchrun the cached probe's lr was multiplied by the number of processes while it trained on
+    rank 0 alone (1 process top-1 22.0, 2 processes 21.7)."""
+    args = [os.path.join(HERE, "eval_linear.py"), "--checkpoint", trained["ckpt"], "--model", "a", "--cached-features",
+            "--epochs", "3", "--train-path", trained["train"], "--val-path", trained["val"], "--num-workers", "0",
+            "--device", "cpu", "--batch-size-per-gpu", "4"]
+    outs = []
+    for n, pre in ((1, [sys.executable]), (2, TORCHRUN + ["--nproc_per_node=2"])):
+        r = subprocess.run(pre + args + ["--output-dir", str(tmp_path / str(n))], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(torch.load(tmp_path / str(n) / "eval_linear_cached_model_a_teacher_linear.pth"))
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6, msg=k)  # the features: 1e-6 apart
