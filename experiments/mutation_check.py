@@ -7,7 +7,7 @@ tier (`python -m pytest -q -x -m "not slow" test_mokd.py`) must fail; the table 
 
     python experiments/mutation_check.py               # every mutation (each stops at its first failing test)
     python experiments/mutation_check.py --only ema_direction search_pairing
-    python experiments/mutation_check.py --tier slow   # the two-process mutations against the slow tier
+    python experiments/mutation_check.py --tier slow -k two_processes   # the two-process mutations
 """
 import argparse
 import os
@@ -75,6 +75,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", nargs="+", choices=list(MUTATIONS), help="these mutations only")
     p.add_argument("--tier", choices=["quick", "slow"], default="quick", help="which test tier must catch them")
+    p.add_argument("-k", dest="tests", help="only the tests of the tier that match this pytest -k expression")
     args = p.parse_args()
     names = args.only or [n for n in MUTATIONS if (n in TWO_PROCESSES) == (args.tier == "slow")]
     marker = "not slow" if args.tier == "quick" else "slow"
@@ -92,7 +93,7 @@ def main():
                 f.write(source.replace(old, new))
             t0 = time.time()
             r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", marker,
-                                "test_mokd.py"], cwd=tmp, capture_output=True, text=True,
+                                "test_mokd.py"] + (["-k", args.tests] if args.tests else []), cwd=tmp, capture_output=True, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
             failed = re.findall(r"^FAILED (\S+)", r.stdout, re.M)
             caught = r.returncode == 1 and failed
