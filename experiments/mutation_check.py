@@ -92,9 +92,9 @@ def main():
             with open(os.path.join(tmp, "mokd.py"), "w") as f:
                 f.write(source.replace(old, new))
             t0 = time.time()
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", marker,
-                                "test_mokd.py"] + (["-k", args.tests] if args.tests else []), cwd=tmp, capture_output=True, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+            cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", marker, "test_mokd.py"]
+            cmd += ["-k", args.tests] if args.tests else []
+            r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             failed = re.findall(r"^FAILED (\S+)", r.stdout, re.M)
             caught = r.returncode == 1 and failed
             rows.append((name, what, "caught" if caught else f"MISSED (exit {r.returncode})",
