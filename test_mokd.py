@@ -394,15 +394,18 @@ ASYM = dict(lam_a=0.7, lam_b=0.2, clip_grad_a=0.05, clip_grad_b=0.5, freeze_last
 
 
 def distinct_schedules(cfg):
-    """Two steps' schedules (epoch e = iteration e) in which every value differs from every other."""
-    S = mokd.build_schedules(cfg, 1, 1)
-    S["momentum"] = np.array([0.9, 0.7])
+    """Schedules of 2 epochs x 2 iterations in which every value differs from every other, so that a value read at
+    the wrong index (the epoch for the iteration), or another model's, cannot pass."""
+    S = mokd.build_schedules(cfg, 2, 1)
+    S["momentum"] = np.array([0.95, 0.9, 0.7, 0.6])
     S["tau_cross"] = np.array([0.039, 0.083])
     S["a"]["tau"], S["b"]["tau"] = np.array([0.05, 0.062]), np.array([0.071, 0.044])
     for i, m in enumerate("ab"):
         base = 1e-3 if cfg[f"optimizer_{m}"] == "adamw" else 0.05
-        S[m]["main"] = (np.array([base, 2.1 * base]) * (1 + i / 10), np.array([0.01, 0.03]) * (1 + i / 7))
-        S[m]["thead"] = (np.array([3e-4, 7e-4]) * (1 + i / 10), np.array([0.02, 0.05]) * (1 + i / 7))
+        S[m]["main"] = (np.array([0.5, 1.0, 2.1, 1.7]) * base * (1 + i / 10),
+                        np.array([0.005, 0.01, 0.03, 0.02]) * (1 + i / 7))
+        S[m]["thead"] = (np.array([2e-4, 3e-4, 7e-4, 5e-4]) * (1 + i / 10),
+                         np.array([0.01, 0.02, 0.05, 0.04]) * (1 + i / 7))
     return S
 
 
@@ -523,9 +526,9 @@ def test_step_wiring_under_an_asymmetric_configuration():
     run = float64_run(cfg)
     S = distinct_schedules(cfg)
     rec = StepRecorder(run)
-    for e in (0, 1):
-        crops = [c.double() for c in make_crops(seed=10 + e)]
-        check_one_step(run, rec, crops, e, e, S, cfg)
+    for epoch, it in ((0, 1), (1, 2)):  # the last step of the frozen epoch 0, then the first of epoch 1
+        crops = [c.double() for c in make_crops(seed=10 + it)]
+        check_one_step(run, rec, crops, epoch, it, S, cfg)
 
 
 def test_swapping_everything_of_a_and_b_swaps_the_terms_and_totals():
@@ -538,7 +541,7 @@ def test_swapping_everything_of_a_and_b_swaps_the_terms_and_totals():
     run1, run2 = float64_run(cfg1, seed=1), float64_run(cfg2, seed=2)
     S1 = distinct_schedules(cfg1)
     S2 = {**S1, "a": S1["b"], "b": S1["a"]}
-    run1.step([c.double() for c in make_crops(seed=20)], 0, 0, S1)
+    run1.step([c.double() for c in make_crops(seed=20)], 0, 1, S1)
     swap = {"a": "b", "b": "a"}
     for m in "ab":
         for role in ("students", "teachers"):
@@ -547,10 +550,10 @@ def test_swapping_everything_of_a_and_b_swaps_the_terms_and_totals():
         for term in ("sm", "st", "cm"):
             getattr(run2.centres, f"{term}_{m}").copy_(getattr(run1.centres, f"{term}_{swap[m]}"))
     rec1, rec2 = StepRecorder(run1), StepRecorder(run2)
-    for seed in (21, 22):  # two steps of epoch 1 (iteration 1 of S)
-        crops = [c.double() for c in make_crops(seed=seed)]
-        run1.step(crops, 1, 1, S1)
-        run2.step(crops, 1, 1, S2)
+    for it in (2, 3):  # the two steps of epoch 1
+        crops = [c.double() for c in make_crops(seed=20 + it)]
+        run1.step(crops, 1, it, S1)
+        run2.step(crops, 1, it, S2)
         for m in "ab":
             assert rec1.totals[m].item() == pytest.approx(rec2.totals[swap[m]].item(), rel=1e-9), m
             for k in mokd.LOSS_NAMES:
