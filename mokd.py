@@ -25,6 +25,7 @@ import datetime
 import gc
 import json
 import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -515,11 +516,12 @@ class Run:
         for x, y in (("a", "b"), ("b", "a")):
             totals[x], terms[x] = model_losses(x, y, s[x], t[x], t[y], srch[x], self.centres, S[x]["tau"][epoch],
                                                S["tau_cross"][epoch], cfg[f"lam_{x}"])
-        p = [F.softmax((f32(t[m]["m"]) - getattr(self.centres, f"sm_{m}")) / S[m]["tau"][epoch], -1) for m in "ab"]
+        probs = [F.softmax((f32(t[m]["m"]) - getattr(self.centres, f"sm_{m}")) / S[m]["tau"][epoch], -1)
+                 for m in "ab"]
         new = {f"sm_{m}": t[m]["m"] for m in "ab"}
         new.update({f"st_{m}": t[m]["t"] for m in "ab" if t[m]["t"] is not None})
         new.update({f"cm_{x}": t[y]["m"] for x, y in (("a", "b"), ("b", "a")) if cfg[f"lam_{x}"] > 0})
-        return totals, terms, p, new  # p: per teacher its centred, sharpened MLP-head outputs (2B, K)
+        return totals, terms, probs, new  # probs: per teacher its centred, sharpened MLP-head outputs (2B, K)
 
     def step(self, crops, epoch, it, S):
         """One optimiser step of both models at global iteration `it`; returns its VALUE_KEYS values (12,)."""
@@ -527,7 +529,7 @@ class Run:
             for g in self.opts[m].param_groups:
                 lr, wd = S[m][g["sched"]]  # the group's schedule: (lr, weight decay) per iteration
                 g["lr"], g["weight_decay"] = float(lr[it]), float(wd[it]) if g["reg"] else 0.0
-        totals, terms, p, new_teacher_outputs = self.losses(crops, epoch, S)
+        totals, terms, probs, new_teacher_outputs = self.losses(crops, epoch, S)
         for m in "ab":  # separate backward passes: L_A only reaches student A, L_B only student B
             opt, scaler = self.opts[m], self.scalers[m]
             opt.zero_grad(set_to_none=True)
@@ -539,11 +541,11 @@ class Run:
                     p.grad = None
             scaler.step(opt)
             scaler.update()
-        p_mean, _ = self.centres.update(new_teacher_outputs, [q.sum(0) for q in p])  # after the loss, as DINO
+        p_mean, _ = self.centres.update(new_teacher_outputs, [p.sum(0) for p in probs])  # after the loss, as DINO
         for m in "ab":
             ema_update(*self.params[m], float(S["momentum"][it]))
         values = [terms[m][k].detach() for m in "ab" for k in LOSS_NAMES]
-        values += [entropy(q).mean() for q in p] + list(entropy(p_mean))
+        values += [entropy(p).mean() for p in probs] + list(entropy(p_mean))
         return torch.stack(values)  # (12,): VALUE_KEYS order
 
     def state(self):
@@ -631,22 +633,56 @@ def read_rgb(path):
     try:
         with Image.open(path) as img:
             return to_rgb(ImageOps.exif_transpose(img))  # the EXIF orientation: a phone photo stands upright
+    except Image.DecompressionBombError:
+        raise MOKDError(f"cannot read image {path}: it has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, the limit "
+                        f"PIL sets against decompression bombs (PIL.Image.MAX_IMAGE_PIXELS)") from None
     except Exception as e:  # PIL raises many types for broken files
         raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
-IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS + (".gif",)
+IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS + (".gif", ".jfif", ".jpe")  # JPEG's other names
+
+class ImageFolder(torchvision.datasets.DatasetFolder):
+    """DatasetFolder whose unreadable image (named in a warning, with the reason) gives (None, -1): training and
+    evaluation leave it out (collate_readable, eval_linear.collate_marked); no other image stands in for it."""
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except MOKDError as e:  # DEVIATION: the authors' loader crashes the worker on a broken file
+            print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
+            return None, -1
+
+def collate_readable(items):
+    """default_collate of a batch without its unreadable images (None): the batch is smaller by them."""
+    kept = [x for x in items if x is not None]
+    if not kept:
+        raise MOKDError(f"all {len(items)} images of a batch are unreadable (each is named above): is the data "
+                        f"corrupt?")
+    return torch.utils.data.default_collate(kept)
 
 def image_folder(root, flag, transform=None, loader=read_rgb):
     """<root>/<class>/<image> as torchvision's ImageFolder (GIF included), yielding (PIL image, label). Its errors,
-    split folders taken for classes, stray images and files reached twice (symbolic links: read once) name `flag`."""
+    split folders taken for classes, stray images, files not read by kind (macOS's AppleDouble "._name.jpg" files hold
+    metadata) and files reached twice (symbolic links: read once) name `flag`."""
+    skipped = {}
+
+    def image_file(path):
+        name = os.path.basename(path)
+        kind = ("macOS metadata files (._*)" if name.startswith("._") else None if name.lower().endswith(
+            IMAGE_EXTENSIONS) else f"'{os.path.splitext(name)[1].lower() or name}' files")
+        skipped[kind] = skipped.get(kind, 0) + 1
+        return kind is None
     try:
-        ds = torchvision.datasets.DatasetFolder(root, loader, IMAGE_EXTENSIONS, transform=transform)
+        ds = ImageFolder(root, loader, transform=transform, is_valid_file=image_file)
     except (OSError, RuntimeError) as e:  # FileNotFoundError, NotADirectoryError, ...
         raise MOKDError(f"{flag} {root!r}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
     splits = [c for c in ds.classes if c.lower() in ("train", "training", "val", "valid", "validation", "test")]
     if splits:
         raise MOKDError(f"{flag} {root!r} holds folders named like dataset splits ({', '.join(splits)}), which would "
                         f"be read as classes: point {flag} at one split, e.g. {os.path.join(root, splits[0])}")
+    skipped.pop(None)
+    if skipped:
+        print(f"warning: {flag} {root!r}: not read, as not images: {', '.join(f'{n} {k}' for k, n in skipped.items())}"
+              f" (images: {' '.join(IMAGE_EXTENSIONS)})", file=sys.stderr, flush=True)
     stray = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if stray:
         print(f"warning: {len(stray)} images directly in {flag} {root!r} are not read (only <root>/<class>/<image> "
@@ -741,18 +777,11 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def load(self, index):
-        for attempt in range(min(len(self), 50)):  # 50 unreadable files in a row: the data is broken
-            try:
-                return self.images[(index + attempt) % len(self)][0]
-            except MOKDError as e:  # DEVIATION: the authors' loader crashes the worker on a broken file
-                print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
-        raise MOKDError(f"{min(len(self), 50)} unreadable images in a row from image {index} on: is the data "
-                        f"corrupt? (each is named above)")
-
     def __getitem__(self, key):
         epoch, index = key  # from EpochSampler
-        img = self.load(index)
+        img = self.images[index][0]
+        if img is None:  # unreadable (ImageFolder): left out of its batch by collate_readable
+            return None
         # DEVIATION: the authors rely on per-worker RNG streams; per-image seeds make resume exact.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFFFFFF)
@@ -783,6 +812,13 @@ def quiet_worker(_):
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 
+def end_workers():
+    """Kill the DataLoader workers still running (at the end of a run, or after an error held its DataLoader):
+    they ignore SIGTERM, with which Python's exit would otherwise end them, and would be waited for forever."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+
 def worker_error_message(e):
     """An error raised in a DataLoader worker comes back with the worker's traceback text: keep our message."""
     msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
@@ -804,6 +840,7 @@ def make_loader(cfg, rank, world, device):
     w = cfg["num_workers"]
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size_per_gpu"], sampler=sampler, num_workers=w,
                                          pin_memory=device.type == "cuda", worker_init_fn=quiet_worker,
+                                         collate_fn=collate_readable,
                                          generator=torch.Generator().manual_seed(cfg["seed"]),  # not the global RNG
                                          persistent_workers=w > 0, prefetch_factor=4 if w > 0 else None)
     return ds, sampler, loader
@@ -1017,14 +1054,14 @@ def save_views(ds, path, n=4):
     """views.png: the crops of the first n training images as the model receives them (augmented, before
     normalisation): a row per image, g1, g2, then each local crop centred on a canvas of the global size; crops are
     enlarged x s, nearest neighbour, so that a cell is at least 64 px. Returns s."""
-    cells = []
-    for i in range(min(n, len(ds))):
-        crops = ds[(0, i)]  # epoch 0's crops of image i: [g1, g2, l_1 .. l_n], uint8 (3, H, W)
-        G, s = crops[0].shape[-1], math.ceil(64 / crops[0].shape[-1])
+    cells, s = [], 1
+    for crops in filter(None, (ds[(0, i)] for i in range(min(n, len(ds))))):  # None: an unreadable image
+        G, s = crops[0].shape[-1], math.ceil(64 / crops[0].shape[-1])  # epoch 0's [g1, g2, l_1 ..], uint8 (3, H, W)
         for c in crops:
             c, pad = c.repeat_interleave(s, -1).repeat_interleave(s, -2), (G - c.shape[-1]) * s  # (3, h s, w s)
             cells.append(F.pad(c, [pad // 2, (pad + 1) // 2] * 2))  # (3, G s, G s)
-    torchvision.utils.save_image(torch.stack(cells).float() / 255, path, nrow=len(crops), pad_value=1.0)
+    if cells:
+        torchvision.utils.save_image(torch.stack(cells).float() / 255, path, nrow=len(crops), pad_value=1.0)
     return s
 
 def peak_memory_mb(device):
@@ -1369,6 +1406,7 @@ def main(argv=None):
                 train(cfg, rank, world, device, stop)
             return None
         finally:
+            end_workers()
             if is_dist():
                 dist.destroy_process_group()
     except MOKDError as e:
