@@ -935,38 +935,20 @@ def check_resume_config(saved, cfg, path, rank):
         say(rank, f"warning: resuming {path} with settings that differ from its own (the new values apply from "
                   f"here on): {'; '.join(changed)}")
 
-def log_run(path, nbytes):
-    """The run id of log.jsonl's last record in its first nbytes bytes; False if they do not end with a whole record."""
-    with open(path, "rb") as f:
-        head = f.read(nbytes)
-    try:
-        return json.loads(head.splitlines()[-1]).get("run") if len(head) == nbytes and head.endswith(b"\n") else False
-    except (ValueError, IndexError):
-        return False
-
 def claim_output_dir(cfg, resume, saved, rank):
-    """-> how log.jsonl opens. A launch never destroys newer work unless --overwrite: --resume FILE is refused where
-    --output-dir holds checkpoint.pth (another file) or a later checkpointNNNN.pth, or another run's log.jsonl. A
-    resume cuts its run's log back to the checkpoint (steps logged after it run again: each appears once); a fresh
-    start, or --overwrite over another run's log, writes log.jsonl anew."""
-    out, log_path = cfg["output_dir"], os.path.join(cfg["output_dir"], "log.jsonl")
-    has_log = os.path.exists(log_path)
-    ours = saved is not None and has_log and log_run(log_path, saved.get("log_bytes", 0)) == saved.get("run_id")
-    if saved and not cfg["overwrite"]:
-        newer = [f for f in sorted(os.listdir(out)) if f.startswith("checkpoint") and f.endswith(".pth") and
-                 not os.path.samefile(resume, os.path.join(out, f)) and
-                 (f == "checkpoint.pth" or f[10:-4].isdigit() and int(f[10:-4]) > saved["epoch"])]
-        held = newer + (["a log.jsonl of another run"] if has_log and not ours else [])
-        if held:
-            raise MOKDError(f"--output-dir {out!r} holds {', '.join(held)}, which resuming {resume} (step "
-                            f"{saved['global_step']}) there would overwrite: give another --output-dir to continue "
-                            f"{resume} apart, or add --overwrite to replace them")
-    if rank == 0 and ours:
-        os.truncate(log_path, saved["log_bytes"])
-    elif rank == 0 and has_log:
-        say(rank, f"warning: {log_path} holds {'another run' if saved else 'a run that saved no checkpoint'}; "
-                  f"it is replaced")
-    return "a" if ours else "w"
+    """-> how log.jsonl opens. A launch never destroys newer work: --resume FILE (another file than OUTPUT_DIR/
+    checkpoint.pth) into a folder holding a checkpoint.pth or log.jsonl is refused unless --overwrite, which starts
+    both anew. A relaunch cuts log.jsonl back to its checkpoint (steps logged after it run again: each appears once);
+    a fresh start writes it anew (a killed run's records are never continued)."""
+    paths = [os.path.join(cfg["output_dir"], f) for f in ("checkpoint.pth", "log.jsonl")]
+    same = os.path.exists(paths[0]) and os.path.samefile(resume, paths[0])
+    held = [p for p in paths if os.path.exists(p)] if saved and not same else []
+    if held and not cfg["overwrite"]:
+        raise MOKDError(f"{' and '.join(held)} would be overwritten by resuming {resume} (step {saved['global_step']})"
+                        f": give another --output-dir, or add --overwrite to replace them")
+    if saved and not held and os.path.exists(paths[1]) and rank == 0:
+        os.truncate(paths[1], min(saved.get("log_bytes", math.inf), os.path.getsize(paths[1])))
+    return "a" if saved and not held else "w"
 
 # ==== 9. The training loop: stops cleanly on a signal and on a non-finite loss, resumes exactly. ======================
 class StopRequest:
@@ -1005,9 +987,9 @@ class StopRequest:
 class Logger:
     """Holds each step's VALUE_KEYS values on the device; `check` reads them once per log interval (averaged over
     ranks), stops on a non-finite value (never saved), and on rank 0 writes log.jsonl and the console line."""
-    def __init__(self, cfg, path, mode, run_id, rank, world, S, niter, total, device, last_ckpt):
+    def __init__(self, cfg, path, mode, rank, world, S, niter, total, device, last_ckpt):
         self.cfg, self.rank, self.world, self.S, self.niter, self.total = cfg, rank, world, S, niter, total
-        self.device, self.last_ckpt, self.run_id = device, last_ckpt, run_id
+        self.device, self.last_ckpt = device, last_ckpt
         self.file = open(path, mode) if rank == 0 else None
         self.pending, self.steps, self.t = [], 0, time.time()
         self.saved_at = self.t
@@ -1036,7 +1018,7 @@ class Logger:
         """One log.jsonl record and one console line for `step` (vals: its VALUE_KEYS values)."""
         S, epoch, now = self.S, step // self.niter, time.time()
         rate = self.steps * self.cfg["batch_size_per_gpu"] * self.world / max(now - self.t, 1e-9)
-        rec = {"step": step, "epoch": epoch, "run": self.run_id, **{k: round(v, 6) for k, v in vals.items()},
+        rec = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in vals.items()},
                **schedule_values(S, step, self.niter), "images_per_s": round(rate, 2),
                "peak_mem_mb": peak_memory_mb(self.device)}
         for m in "ab":  # cross terms are not computed with lambda 0
@@ -1077,7 +1059,7 @@ def save_checkpoint(run, log, step, niter, path):
     freq = run.cfg["saveckp_freq"]
     if log.rank == 0:
         state = {"config": run.cfg, "epoch": epoch, "step_in_epoch": it, "global_step": step,
-                 "steps_per_epoch": niter, "log_bytes": log.file.tell(), "run_id": log.run_id, **run.state()}
+                 "steps_per_epoch": niter, "log_bytes": log.file.tell(), **run.state()}
         try:
             atomic_save(state, path)
             if freq and it == 0 and epoch % freq == 0:  # DINO's --saveckp_freq
@@ -1157,7 +1139,7 @@ def train(cfg, rank, world, device, stop):
                  if not math.isclose(v, old[k], rel_tol=1e-6)]
         if jumps:
             say(rank, f"warning: at step {step} the new settings change the schedules: {', '.join(jumps)}")
-    log_mode, run_id = claim_output_dir(cfg, resume, saved, rank), saved.get("run_id") if saved else os.urandom(6).hex()
+    log_mode = claim_output_dir(cfg, resume, saved, rank)
     del saved
     if step >= end:
         done = f"a finished run ({cfg['epochs']} epochs, {step} steps)" if step >= all_steps else f"at step {step}"
@@ -1168,7 +1150,7 @@ def train(cfg, rank, world, device, stop):
         start_report(cfg, ds, niter, end, world, device, S)
     # Every rank learns of a signal after each step (on the CPU: no GPU sync), so all stop after the same step.
     stop_group = None if world == 1 else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    log = Logger(cfg, log_path, log_mode, run_id, rank, world, S, niter, end, device, last_ckpt=resume)
+    log = Logger(cfg, log_path, log_mode, rank, world, S, niter, end, device, last_ckpt=resume)
     stopped = False
     try:
         while step < end and not stopped:  # one epoch per iteration
@@ -1330,8 +1312,8 @@ def build_parser(recipe="demo", arch_a=None, arch_b=None, epochs=None):
     a("--num-workers", type=count, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
     a("--output-dir", default="output", help="checkpoint.pth, log.jsonl and config.json go here")
     a("--resume", help="resume from this checkpoint (default: OUTPUT_DIR/checkpoint.pth if present)")
-    a("--overwrite", action="store_true", help="let --resume replace newer checkpoints and another run's log in "
-      "--output-dir (refused without it)")
+    a("--overwrite", action="store_true", help="let --resume FILE replace the checkpoint.pth and log.jsonl that "
+      "--output-dir holds (refused without it)")
     a("--saveckp-freq", type=count, default=0, help="also keep checkpointNNNN.pth every N epochs (0: never)")
     a("--saveckp-minutes", type=non_negative, default=30, help="also write checkpoint.pth mid-epoch every N minutes: "
       "a hard kill (kill -9, out of memory, node lost) loses at most that (0: at epoch ends only)")
