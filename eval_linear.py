@@ -181,12 +181,30 @@ def eval_transform(crop_size):
 
 
 # ----------------------------------------------------------------------------- distributed feature extraction
+def collate_marked(items):
+    """(image, label) pairs; an unreadable image (None, -1: mokd.ImageFolder) becomes zeros, its label -1 leaves its
+    row out after extraction (readable_rows) and out of the probe's loss: no other image stands in for it."""
+    like = next((x for x, _ in items if x is not None), None)
+    if like is None:
+        return mokd.collate_readable([None] * len(items))  # the error: a whole batch unreadable
+    return torch.utils.data.default_collate([(torch.zeros_like(like) if x is None else x, y) for x, y in items])
+
+
+def readable_rows(f, y, what, rank):
+    """Features and labels without the rows of unreadable images (label -1), saying how many were left out."""
+    if (y < 0).any():
+        mokd.say(rank, f"warning: {int((y < 0).sum())} of the {len(y)} {what} are unreadable and left out (each is "
+                       f"named above)")
+    return f[y >= 0], y[y >= 0]
+
+
 @torch.no_grad()
 def extract(feat, dataset, what, args, device, rank, world):
     """Features and labels of the whole dataset, split across ranks and gathered: ((N, D), (N,))."""
     idx = list(range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         collate_fn=collate_marked,
                                          worker_init_fn=mokd.quiet_worker)  # Ctrl-C reaches this process only
     fs, ys = [], []
     progress = Progress(f"features of {what}", len(dataset), rank)
@@ -309,6 +327,7 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
         sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size_per_gpu, sampler=sampler,
                                          shuffle=sampler is None, num_workers=args.num_workers, drop_last=False,
+                                         collate_fn=collate_marked,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader), eta_min=0)
     val_f, val_y = val_feats[0].to(device), val_feats[1].to(device)
@@ -320,7 +339,7 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
             for x, y in loader:
                 with torch.no_grad():
                     f = feat(x.to(device, non_blocking=True)).float()
-                loss = F.cross_entropy(model(f), y.to(device))
+                loss = F.cross_entropy(model(f), y.to(device), ignore_index=-1)  # -1: unreadable
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -400,9 +419,11 @@ def evaluate(args):
               "model": args.model if args.checkpoint else None, "which": args.which if args.checkpoint else None,
               "arch": arch, "checkpoint": source, "train_size": len(train_eval), "val_size": len(val),
               "num_classes": C}
-    val_f, val_y = extract(feat, val, "the validation images", args, device, rank, world)
+    val_f, val_y = readable_rows(*extract(feat, val, "the validation images", args, device, rank, world),
+                                 "validation images", rank)
     if args.knn or args.cached_features:
-        train_f, train_y = extract(feat, train_eval, "the training images", args, device, rank, world)
+        train_f, train_y = readable_rows(*extract(feat, train_eval, "the training images", args, device, rank, world),
+                                         "training images", rank)
     base_lr = args.lr if args.lr is not None else (0.01 if arch in mokd.RESNETS else 0.001)
     # The cached probe trains in one process on every feature: its batch, and so its lr, do not depend on the world.
     lr = base_lr * args.batch_size_per_gpu * (1 if args.cached_features else world) / 256
@@ -496,6 +517,7 @@ def main(argv=None):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        mokd.end_workers()
         if mokd.is_dist():
             dist.destroy_process_group()
     print(message, file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ import datetime
 import gc
 import json
 import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -515,11 +516,12 @@ class Run:
         for x, y in (("a", "b"), ("b", "a")):
             totals[x], terms[x] = model_losses(x, y, s[x], t[x], t[y], srch[x], self.centres, S[x]["tau"][epoch],
                                                S["tau_cross"][epoch], cfg[f"lam_{x}"])
-        p = [F.softmax((f32(t[m]["m"]) - getattr(self.centres, f"sm_{m}")) / S[m]["tau"][epoch], -1) for m in "ab"]
+        probs = [F.softmax((f32(t[m]["m"]) - getattr(self.centres, f"sm_{m}")) / S[m]["tau"][epoch], -1)
+                 for m in "ab"]
         new = {f"sm_{m}": t[m]["m"] for m in "ab"}
         new.update({f"st_{m}": t[m]["t"] for m in "ab" if t[m]["t"] is not None})
         new.update({f"cm_{x}": t[y]["m"] for x, y in (("a", "b"), ("b", "a")) if cfg[f"lam_{x}"] > 0})
-        return totals, terms, p, new  # p: per teacher its centred, sharpened MLP-head outputs (2B, K)
+        return totals, terms, probs, new  # probs: per teacher its centred, sharpened MLP-head outputs (2B, K)
 
     def step(self, crops, epoch, it, S):
         """One optimiser step of both models at global iteration `it`; returns its VALUE_KEYS values (12,)."""
@@ -527,7 +529,7 @@ class Run:
             for g in self.opts[m].param_groups:
                 lr, wd = S[m][g["sched"]]  # the group's schedule: (lr, weight decay) per iteration
                 g["lr"], g["weight_decay"] = float(lr[it]), float(wd[it]) if g["reg"] else 0.0
-        totals, terms, p, new_teacher_outputs = self.losses(crops, epoch, S)
+        totals, terms, probs, new_teacher_outputs = self.losses(crops, epoch, S)
         for m in "ab":  # separate backward passes: L_A only reaches student A, L_B only student B
             opt, scaler = self.opts[m], self.scalers[m]
             opt.zero_grad(set_to_none=True)
@@ -539,11 +541,11 @@ class Run:
                     p.grad = None
             scaler.step(opt)
             scaler.update()
-        p_mean, _ = self.centres.update(new_teacher_outputs, [q.sum(0) for q in p])  # after the loss, as DINO
+        p_mean, _ = self.centres.update(new_teacher_outputs, [p.sum(0) for p in probs])  # after the loss, as DINO
         for m in "ab":
             ema_update(*self.params[m], float(S["momentum"][it]))
         values = [terms[m][k].detach() for m in "ab" for k in LOSS_NAMES]
-        values += [entropy(q).mean() for q in p] + list(entropy(p_mean))
+        values += [entropy(p).mean() for p in probs] + list(entropy(p_mean))
         return torch.stack(values)  # (12,): VALUE_KEYS order
 
     def state(self):
@@ -631,22 +633,56 @@ def read_rgb(path):
     try:
         with Image.open(path) as img:
             return to_rgb(ImageOps.exif_transpose(img))  # the EXIF orientation: a phone photo stands upright
+    except Image.DecompressionBombError:
+        raise MOKDError(f"cannot read image {path}: it has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, the limit "
+                        f"PIL sets against decompression bombs (PIL.Image.MAX_IMAGE_PIXELS)") from None
     except Exception as e:  # PIL raises many types for broken files
         raise MOKDError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
-IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS + (".gif",)
+IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS + (".gif", ".jfif", ".jpe")  # JPEG's other names
+
+class ImageFolder(torchvision.datasets.DatasetFolder):
+    """DatasetFolder whose unreadable image (named in a warning, with the reason) gives (None, -1): training and
+    evaluation leave it out (collate_readable, eval_linear.collate_marked); no other image stands in for it."""
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except MOKDError as e:  # DEVIATION: the authors' loader crashes the worker on a broken file
+            print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
+            return None, -1
+
+def collate_readable(items):
+    """default_collate of a batch without its unreadable images (None): the batch is smaller by them."""
+    kept = [x for x in items if x is not None]
+    if not kept:
+        raise MOKDError(f"all {len(items)} images of a batch are unreadable (each is named above): is the data "
+                        f"corrupt?")
+    return torch.utils.data.default_collate(kept)
 
 def image_folder(root, flag, transform=None, loader=read_rgb):
     """<root>/<class>/<image> as torchvision's ImageFolder (GIF included), yielding (PIL image, label). Its errors,
-    split folders taken for classes, stray images and files reached twice (symbolic links: read once) name `flag`."""
+    split folders taken for classes, stray images, files not read by kind (macOS's AppleDouble "._name.jpg" files hold
+    metadata) and files reached twice (symbolic links: read once) name `flag`."""
+    skipped = {}
+
+    def image_file(path):
+        name = os.path.basename(path)
+        kind = ("macOS metadata files (._*)" if name.startswith("._") else None if name.lower().endswith(
+            IMAGE_EXTENSIONS) else f"'{os.path.splitext(name)[1].lower() or name}' files")
+        skipped[kind] = skipped.get(kind, 0) + 1
+        return kind is None
     try:
-        ds = torchvision.datasets.DatasetFolder(root, loader, IMAGE_EXTENSIONS, transform=transform)
+        ds = ImageFolder(root, loader, transform=transform, is_valid_file=image_file)
     except (OSError, RuntimeError) as e:  # FileNotFoundError, NotADirectoryError, ...
         raise MOKDError(f"{flag} {root!r}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
     splits = [c for c in ds.classes if c.lower() in ("train", "training", "val", "valid", "validation", "test")]
     if splits:
         raise MOKDError(f"{flag} {root!r} holds folders named like dataset splits ({', '.join(splits)}), which would "
                         f"be read as classes: point {flag} at one split, e.g. {os.path.join(root, splits[0])}")
+    skipped.pop(None)
+    if skipped:
+        print(f"warning: {flag} {root!r}: not read, as not images: {', '.join(f'{n} {k}' for k, n in skipped.items())}"
+              f" (images: {' '.join(IMAGE_EXTENSIONS)})", file=sys.stderr, flush=True)
     stray = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if stray:
         print(f"warning: {len(stray)} images directly in {flag} {root!r} are not read (only <root>/<class>/<image> "
@@ -741,18 +777,11 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def load(self, index):
-        for attempt in range(min(len(self), 50)):  # 50 unreadable files in a row: the data is broken
-            try:
-                return self.images[(index + attempt) % len(self)][0]
-            except MOKDError as e:  # DEVIATION: the authors' loader crashes the worker on a broken file
-                print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
-        raise MOKDError(f"{min(len(self), 50)} unreadable images in a row from image {index} on: is the data "
-                        f"corrupt? (each is named above)")
-
     def __getitem__(self, key):
         epoch, index = key  # from EpochSampler
-        img = self.load(index)
+        img = self.images[index][0]
+        if img is None:  # unreadable (ImageFolder): left out of its batch by collate_readable
+            return None
         # DEVIATION: the authors rely on per-worker RNG streams; per-image seeds make resume exact.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFFFFFF)
@@ -783,6 +812,13 @@ def quiet_worker(_):
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 
+def end_workers():
+    """Kill the DataLoader workers still running (at the end of a run, or after an error held its DataLoader):
+    they ignore SIGTERM, with which Python's exit would otherwise end them, and would be waited for forever."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+
 def worker_error_message(e):
     """An error raised in a DataLoader worker comes back with the worker's traceback text: keep our message."""
     msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
@@ -804,6 +840,7 @@ def make_loader(cfg, rank, world, device):
     w = cfg["num_workers"]
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size_per_gpu"], sampler=sampler, num_workers=w,
                                          pin_memory=device.type == "cuda", worker_init_fn=quiet_worker,
+                                         collate_fn=collate_readable,
                                          generator=torch.Generator().manual_seed(cfg["seed"]),  # not the global RNG
                                          persistent_workers=w > 0, prefetch_factor=4 if w > 0 else None)
     return ds, sampler, loader
@@ -898,38 +935,20 @@ def check_resume_config(saved, cfg, path, rank):
         say(rank, f"warning: resuming {path} with settings that differ from its own (the new values apply from "
                   f"here on): {'; '.join(changed)}")
 
-def log_run(path, nbytes):
-    """The run id of log.jsonl's last record in its first nbytes bytes; False if they do not end with a whole record."""
-    with open(path, "rb") as f:
-        head = f.read(nbytes)
-    try:
-        return json.loads(head.splitlines()[-1]).get("run") if len(head) == nbytes and head.endswith(b"\n") else False
-    except (ValueError, IndexError):
-        return False
-
 def claim_output_dir(cfg, resume, saved, rank):
-    """-> how log.jsonl opens. A launch never destroys newer work unless --overwrite: --resume FILE is refused where
-    --output-dir holds checkpoint.pth (another file) or a later checkpointNNNN.pth, or another run's log.jsonl. A
-    resume cuts its run's log back to the checkpoint (steps logged after it run again: each appears once); a fresh
-    start, or --overwrite over another run's log, writes log.jsonl anew."""
-    out, log_path = cfg["output_dir"], os.path.join(cfg["output_dir"], "log.jsonl")
-    has_log = os.path.exists(log_path)
-    ours = saved is not None and has_log and log_run(log_path, saved.get("log_bytes", 0)) == saved.get("run_id")
-    if saved and not cfg["overwrite"]:
-        newer = [f for f in sorted(os.listdir(out)) if f.startswith("checkpoint") and f.endswith(".pth") and
-                 not os.path.samefile(resume, os.path.join(out, f)) and
-                 (f == "checkpoint.pth" or f[10:-4].isdigit() and int(f[10:-4]) > saved["epoch"])]
-        held = newer + (["a log.jsonl of another run"] if has_log and not ours else [])
-        if held:
-            raise MOKDError(f"--output-dir {out!r} holds {', '.join(held)}, which resuming {resume} (step "
-                            f"{saved['global_step']}) there would overwrite: give another --output-dir to continue "
-                            f"{resume} apart, or add --overwrite to replace them")
-    if rank == 0 and ours:
-        os.truncate(log_path, saved["log_bytes"])
-    elif rank == 0 and has_log:
-        say(rank, f"warning: {log_path} holds {'another run' if saved else 'a run that saved no checkpoint'}; "
-                  f"it is replaced")
-    return "a" if ours else "w"
+    """-> how log.jsonl opens. A launch never destroys newer work: --resume FILE (another file than OUTPUT_DIR/
+    checkpoint.pth) into a folder holding a checkpoint.pth or log.jsonl is refused unless --overwrite, which starts
+    both anew. A relaunch cuts log.jsonl back to its checkpoint (steps logged after it run again: each appears once);
+    a fresh start writes it anew (a killed run's records are never continued)."""
+    paths = [os.path.join(cfg["output_dir"], f) for f in ("checkpoint.pth", "log.jsonl")]
+    same = os.path.exists(paths[0]) and os.path.samefile(resume, paths[0])
+    held = [p for p in paths if os.path.exists(p)] if saved and not same else []
+    if held and not cfg["overwrite"]:
+        raise MOKDError(f"{' and '.join(held)} would be overwritten by resuming {resume} (step {saved['global_step']})"
+                        f": give another --output-dir, or add --overwrite to replace them")
+    if saved and not held and os.path.exists(paths[1]) and rank == 0:
+        os.truncate(paths[1], min(saved.get("log_bytes", math.inf), os.path.getsize(paths[1])))
+    return "a" if saved and not held else "w"
 
 # ==== 9. The training loop: stops cleanly on a signal and on a non-finite loss, resumes exactly. ======================
 class StopRequest:
@@ -968,9 +987,9 @@ class StopRequest:
 class Logger:
     """Holds each step's VALUE_KEYS values on the device; `check` reads them once per log interval (averaged over
     ranks), stops on a non-finite value (never saved), and on rank 0 writes log.jsonl and the console line."""
-    def __init__(self, cfg, path, mode, run_id, rank, world, S, niter, total, device, last_ckpt):
+    def __init__(self, cfg, path, mode, rank, world, S, niter, total, device, last_ckpt):
         self.cfg, self.rank, self.world, self.S, self.niter, self.total = cfg, rank, world, S, niter, total
-        self.device, self.last_ckpt, self.run_id = device, last_ckpt, run_id
+        self.device, self.last_ckpt = device, last_ckpt
         self.file = open(path, mode) if rank == 0 else None
         self.pending, self.steps, self.t = [], 0, time.time()
         self.saved_at = self.t
@@ -999,7 +1018,7 @@ class Logger:
         """One log.jsonl record and one console line for `step` (vals: its VALUE_KEYS values)."""
         S, epoch, now = self.S, step // self.niter, time.time()
         rate = self.steps * self.cfg["batch_size_per_gpu"] * self.world / max(now - self.t, 1e-9)
-        rec = {"step": step, "epoch": epoch, "run": self.run_id, **{k: round(v, 6) for k, v in vals.items()},
+        rec = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in vals.items()},
                **schedule_values(S, step, self.niter), "images_per_s": round(rate, 2),
                "peak_mem_mb": peak_memory_mb(self.device)}
         for m in "ab":  # cross terms are not computed with lambda 0
@@ -1017,14 +1036,14 @@ def save_views(ds, path, n=4):
     """views.png: the crops of the first n training images as the model receives them (augmented, before
     normalisation): a row per image, g1, g2, then each local crop centred on a canvas of the global size; crops are
     enlarged x s, nearest neighbour, so that a cell is at least 64 px. Returns s."""
-    cells = []
-    for i in range(min(n, len(ds))):
-        crops = ds[(0, i)]  # epoch 0's crops of image i: [g1, g2, l_1 .. l_n], uint8 (3, H, W)
-        G, s = crops[0].shape[-1], math.ceil(64 / crops[0].shape[-1])
+    cells, s = [], 1
+    for crops in filter(None, (ds[(0, i)] for i in range(min(n, len(ds))))):  # None: an unreadable image
+        G, s = crops[0].shape[-1], math.ceil(64 / crops[0].shape[-1])  # epoch 0's [g1, g2, l_1 ..], uint8 (3, H, W)
         for c in crops:
             c, pad = c.repeat_interleave(s, -1).repeat_interleave(s, -2), (G - c.shape[-1]) * s  # (3, h s, w s)
             cells.append(F.pad(c, [pad // 2, (pad + 1) // 2] * 2))  # (3, G s, G s)
-    torchvision.utils.save_image(torch.stack(cells).float() / 255, path, nrow=len(crops), pad_value=1.0)
+    if cells:
+        torchvision.utils.save_image(torch.stack(cells).float() / 255, path, nrow=len(crops), pad_value=1.0)
     return s
 
 def peak_memory_mb(device):
@@ -1040,7 +1059,7 @@ def save_checkpoint(run, log, step, niter, path):
     freq = run.cfg["saveckp_freq"]
     if log.rank == 0:
         state = {"config": run.cfg, "epoch": epoch, "step_in_epoch": it, "global_step": step,
-                 "steps_per_epoch": niter, "log_bytes": log.file.tell(), "run_id": log.run_id, **run.state()}
+                 "steps_per_epoch": niter, "log_bytes": log.file.tell(), **run.state()}
         try:
             atomic_save(state, path)
             if freq and it == 0 and epoch % freq == 0:  # DINO's --saveckp_freq
@@ -1120,7 +1139,7 @@ def train(cfg, rank, world, device, stop):
                  if not math.isclose(v, old[k], rel_tol=1e-6)]
         if jumps:
             say(rank, f"warning: at step {step} the new settings change the schedules: {', '.join(jumps)}")
-    log_mode, run_id = claim_output_dir(cfg, resume, saved, rank), saved.get("run_id") if saved else os.urandom(6).hex()
+    log_mode = claim_output_dir(cfg, resume, saved, rank)
     del saved
     if step >= end:
         done = f"a finished run ({cfg['epochs']} epochs, {step} steps)" if step >= all_steps else f"at step {step}"
@@ -1131,7 +1150,7 @@ def train(cfg, rank, world, device, stop):
         start_report(cfg, ds, niter, end, world, device, S)
     # Every rank learns of a signal after each step (on the CPU: no GPU sync), so all stop after the same step.
     stop_group = None if world == 1 else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    log = Logger(cfg, log_path, log_mode, run_id, rank, world, S, niter, end, device, last_ckpt=resume)
+    log = Logger(cfg, log_path, log_mode, rank, world, S, niter, end, device, last_ckpt=resume)
     stopped = False
     try:
         while step < end and not stopped:  # one epoch per iteration
@@ -1293,8 +1312,8 @@ def build_parser(recipe="demo", arch_a=None, arch_b=None, epochs=None):
     a("--num-workers", type=count, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
     a("--output-dir", default="output", help="checkpoint.pth, log.jsonl and config.json go here")
     a("--resume", help="resume from this checkpoint (default: OUTPUT_DIR/checkpoint.pth if present)")
-    a("--overwrite", action="store_true", help="let --resume replace newer checkpoints and another run's log in "
-      "--output-dir (refused without it)")
+    a("--overwrite", action="store_true", help="let --resume FILE replace the checkpoint.pth and log.jsonl that "
+      "--output-dir holds (refused without it)")
     a("--saveckp-freq", type=count, default=0, help="also keep checkpointNNNN.pth every N epochs (0: never)")
     a("--saveckp-minutes", type=non_negative, default=30, help="also write checkpoint.pth mid-epoch every N minutes: "
       "a hard kill (kill -9, out of memory, node lost) loses at most that (0: at epoch ends only)")
@@ -1369,6 +1388,7 @@ def main(argv=None):
                 train(cfg, rank, world, device, stop)
             return None
         finally:
+            end_workers()
             if is_dist():
                 dist.destroy_process_group()
     except MOKDError as e:

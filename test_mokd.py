@@ -1157,7 +1157,7 @@ def test_broken_data_ends_the_torchrun_job(tmp_path):
         (root / f"broken{i}.jpg").write_bytes(b"GIF89a broken")
     r = run_cli([*TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--data-path", str(tmp_path / "data"),
                  "--batch-size-per-gpu", "2", "--output-dir", str(tmp_path / "o")], nproc=2, timeout=300)  # no hang
-    assert r.returncode != 0 and "unreadable images in a row" in r.stderr and "broken" in r.stderr
+    assert r.returncode != 0 and "images of a batch are unreadable" in r.stderr and "broken" in r.stderr
 
 
 # ============================================================================= performance paths
@@ -1243,7 +1243,7 @@ def test_query_is_the_spec_feature(arch):
 
 @pytest.mark.slow
 def test_a_folder_of_only_broken_files_stops_cleanly(tmp_path):
-    """Skip mode gives up after a run of unreadable files, in a subprocess with workers: exit 2, no hang, no
+    """A batch of only unreadable files stops the run, in a subprocess with workers: exit 2, no hang, no
     traceback."""
     root = tmp_path / "data" / "c"
     root.mkdir(parents=True)
@@ -1251,7 +1251,7 @@ def test_a_folder_of_only_broken_files_stops_cleanly(tmp_path):
         (root / f"{i}.jpg").write_text("not an image")
     r = run_cli([*TINY, "--arch-b", "vit_tiny", "--data-path", str(tmp_path / "data"), "--num-workers", "2",
                  "--batch-size-per-gpu", "2", "--output-dir", str(tmp_path / "o")], timeout=120)
-    assert r.returncode == 2 and "unreadable images in a row" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "images of a batch are unreadable" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
@@ -2324,26 +2324,24 @@ def test_a_resume_never_destroys_newer_work_without_overwrite(tmp_path, capsys):
     for resume in (d / "checkpoint0001.pth", other / "checkpoint.pth"):
         err = cli_error(capsys, *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--log-every", "1",
                         "--output-dir", str(d), "--resume", str(resume))
-        assert "holds checkpoint.pth" in err and "--overwrite" in err, err
-        assert {f: (d / f).read_bytes() for f in before} == before
-    (d / "checkpoint.pth").unlink()  # the log alone: another run's is refused, this run's is cut back
+        assert f"{d / 'checkpoint.pth'} and {d / 'log.jsonl'} would be overwritten by resuming {resume}" in err, err
+        assert "--overwrite" in err and {f: (d / f).read_bytes() for f in before} == before
+    (d / "checkpoint.pth").unlink()  # the log alone is refused too
     err = cli_error(capsys, *TINY, "--arch-a", "vit_tiny", "--arch-b", "vit_tiny", "--output-dir", str(d), "--resume",
                     str(other / "checkpoint.pth"))
-    assert "a log.jsonl of another run" in err and (d / "log.jsonl").read_bytes() == before["log.jsonl"], err
-    quick_run(d, "--resume", str(d / "checkpoint0001.pth"), "--max-steps", "10")
-    assert log_steps(d) == list(range(10))
-    quick_run(d, "--resume", str(other / "checkpoint.pth"), "--max-steps", "5", "--overwrite")
-    assert "holds another run; it is replaced" in capsys.readouterr().out
-    assert log_steps(d) == [3, 4]
+    assert f"{d / 'log.jsonl'} would be overwritten" in err and (d / "log.jsonl").read_bytes() == before["log.jsonl"]
+    quick_run(d, "--resume", str(d / "checkpoint0001.pth"), "--max-steps", "10", "--overwrite")
+    assert log_steps(d) == [8, 9]
+    quick_run(tmp_path / "new", "--resume", str(other / "checkpoint.pth"), "--max-steps", "5")  # an empty folder
+    assert log_steps(tmp_path / "new") == [3, 4]
 
 
 @pytest.mark.slow
-def test_a_fresh_start_after_a_kill_does_not_append_to_the_dead_runs_log(tmp_path, capsys):
+def test_a_fresh_start_after_a_kill_does_not_append_to_the_dead_runs_log(tmp_path):
     """Issue 28.3: killed before its first checkpoint, the next start's records followed the dead run's (0-4, 0-5)."""
     quick_run(tmp_path, "--max-steps", "5")
     (tmp_path / "checkpoint.pth").unlink()  # what kill -9 before the first save leaves
     quick_run(tmp_path, "--max-steps", "6")
-    assert "a run that saved no checkpoint; it is replaced" in capsys.readouterr().out
     assert log_steps(tmp_path) == list(range(6))
 
 
@@ -2430,3 +2428,45 @@ def test_the_cached_probe_is_the_same_whatever_number_of_processes_extracted_the
         outs.append(torch.load(tmp_path / str(n) / "eval_linear_cached_model_a_teacher_linear.pth"))
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6, msg=k)  # the features: 1e-6 apart
+
+
+def odd_folder(root):
+    """Issue 28.7's folder: 3 classes x 4 PNGs, 50 AppleDouble files sorted first in class0, a .jfif and a .jpe (JPEG
+    data), a file PIL refuses as a decompression bomb (under a lowered limit) and a text file."""
+    make_folder(root, 4)
+    for i in range(50):
+        (root / "class0" / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07AppleDouble metadata")
+    Image.open(root / "class1" / "0.png").save(root / "class1" / "photo.jfif", format="JPEG")
+    Image.open(root / "class2" / "0.png").save(root / "class2" / "photo.jpe", format="JPEG")
+    Image.new("RGB", (64, 64)).save(root / "class2" / "huge.png")  # 4096 pixels > 2 x MAX_IMAGE_PIXELS below
+    (root / "class0" / "notes.txt").write_text("x")
+    return str(root)
+
+
+def test_appledouble_jfif_and_decompression_bombs_are_read_alike_in_training_and_evaluation(trained, tmp_path,
+                                                                                             capfd, monkeypatch):
+    """Issue 28.7: AppleDouble files stopped training ('50 unreadable images in a row') and evaluation, .jfif / .jpe
+    were dropped unsaid, a decompression bomb was 'unreadable' in training and stopped evaluation."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    root = odd_folder(tmp_path / "data")
+    ds = mokd.image_folder(root, "--data-path")
+    names = sorted(os.path.basename(p) for p, _ in ds.samples)
+    assert len(ds) == 15 and "photo.jfif" in names and "photo.jpe" in names and not any(n[:2] == "._" for n in names)
+    err = capfd.readouterr().err
+    assert "not read, as not images: 50 macOS metadata files (._*), 1 '.txt' files" in err, err
+    aug = mokd.MultiCropDataset(ds, lambda img: [T.PILToTensor()(img.resize((8, 8)))], 0)
+    huge = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("huge.png")][0]
+    assert aug[(0, huge)] is None  # left out of its batch, never replaced by the next image
+    batch = mokd.collate_readable([aug[(0, i)] for i in (huge - 1, huge, huge + 1)])
+    assert batch[0].shape[0] == 2 and torch.equal(batch[0][1], aug[(0, huge + 1)][0])
+    assert "decompression bombs" in capfd.readouterr().err
+    with pytest.raises(mokd.MOKDError, match="all 1 images of a batch are unreadable"):
+        mokd.collate_readable([aug[(0, huge)]])
+    mokd.main([*TINY, "--arch-b", "vit_tiny", "--data-path", root, "--epochs", "1", "--batch-size-per-gpu", "5",
+               "--output-dir", str(tmp_path / "o")])  # 15 images, 3 steps, one batch a image short
+    assert torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=True)["global_step"] == 3
+    res = eval_linear.main(["--checkpoint", trained["ckpt"], "--knn", "--nb-knn", "3", "--train-path", root,
+                            "--val-path", trained["val"], "--num-workers", "0", "--device", "cpu"])
+    out = capfd.readouterr()
+    assert "1 of the 15 training images are unreadable and left out" in out.out and "huge.png" in out.err
+    assert res["train_size"] == 15 and 0 <= res["knn"]["3"]["top1"] <= 100
