@@ -64,6 +64,10 @@ def build_parser():
     a("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     a("--output-dir", help="keep the result JSON and the linear layer's weights here")
     a("--seed", type=int, default=0, help="seed of the linear layer's initialisation and the data order")
+    a("--baseline", type=mokd.boolean, help="also evaluate the same architecture at its initialisation (the run's "
+      "seed: its step-0 weights) with the same protocol, beside the trained numbers (default: true with --knn or "
+      "--cached-features, which extract the features once more; false for the full probe, which it would train "
+      "twice)")
     return p
 
 
@@ -87,7 +91,8 @@ class Progress:
 
 # ----------------------------------------------------------------------------- loading
 def load_backbone(args):
-    """-> (backbone in eval mode, a cfg dict with arch / patch_size / stem / global_crop_size, source name)."""
+    """-> (backbone in eval mode, a cfg dict with arch / patch_size / stem / global_crop_size, and the run's whole
+    config and "model" where known (for --baseline), source name)."""
     if bool(args.checkpoint) == bool(args.backbone):
         raise MOKDError("give exactly one of --checkpoint and --backbone")
     if args.checkpoint:
@@ -98,18 +103,31 @@ def load_backbone(args):
                  if k.startswith("backbone.")}
         bb = mokd.build_backbone(arch, cfg)
         mokd.load_strict(bb, state, f"{args.checkpoint} (model {args.model}, {args.which})")
-        return bb.eval(), {**cfg, "arch": arch}, args.checkpoint
+        return bb.eval(), {**cfg, "arch": arch, "model": args.model}, args.checkpoint
     try:
         obj = torch.load(args.backbone, map_location="cpu", weights_only=True)
         meta, state = obj["meta"], obj["state_dict"]
     except Exception as e:
         raise MOKDError(f"--backbone {args.backbone!r} is not a backbone written by `eval_linear.py --export` "
                         f"({type(e).__name__}: {e})") from None
-    cfg = {"arch": meta["arch"], "patch_size": meta["patch_size"], "stem": meta["stem"],
-           "global_crop_size": meta["image_size"]}
+    cfg = {**meta.get("run_config", {}), "arch": meta["arch"], "patch_size": meta["patch_size"], "stem": meta["stem"],
+           "global_crop_size": meta["image_size"], "model": meta.get("model")}  # an older export: no run_config
     bb = mokd.build_backbone(meta["arch"], cfg)
     mokd.load_strict(bb.net if meta["arch"] in mokd.RESNETS else bb, state, args.backbone)
     return bb.eval(), cfg, args.backbone
+
+
+def initial_backbone(cfg, model):
+    """Backbone of `model` ("a" or "b") at step 0 of the run whose config is `cfg`, in eval mode. mokd.py's train()
+    seeds torch with cfg["seed"], then Run builds model A's student and teacher, then model B's (each teacher draws
+    its own weights before it copies its student's): replaying those draws gives the step-0 weights (tested)."""
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(cfg["seed"])
+        for m in "ab":
+            student = mokd.MOKDModel(cfg[f"arch_{m}"], cfg, cfg[f"norm_last_layer_{m}"], cfg["drop_path"])
+            if m == model:
+                return student.backbone.eval()
+            mokd.MOKDModel(cfg[f"arch_{m}"], cfg, cfg[f"norm_last_layer_{m}"])  # A's teacher, built before B
 
 
 def last_blocks(vit, x, n):
@@ -229,6 +247,13 @@ def accuracy(logits, y):
     return round(100.0 * h1 / len(y), 3), None if h5 is None else round(100.0 * h5 / len(y), 3)
 
 
+def chance(y, num_classes):
+    """Top-1 and top-5 accuracy (%) of a constant answer that knows the label frequencies of y (N,): the share of the
+    most frequent class (100 / classes when balanced) and of the 5 most frequent (None with 5 classes or fewer)."""
+    counts = torch.bincount(y, minlength=num_classes).float()  # (C,)
+    return accuracy(counts.expand(len(y), -1), y)
+
+
 def probe_result(best, last):
     return {"best_top1": best[0], "best_top5": best[1], "last_top1": last[0], "last_top5": last[1]}
 
@@ -303,6 +328,35 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
 
 
 # ----------------------------------------------------------------------------- main
+def protocols(feat, train_eval, val, C, args, size, lr, device, rank, world, label=""):
+    """The chosen protocols (--knn, --cached-features, or the full probe) on the frozen features `feat` ->
+    ({"knn": ..., "linear": ...} on rank 0, the linear layer or None, validation labels (N,)). `label` marks the
+    progress lines."""
+    found, lin = {}, None
+    val_f, val_y = extract(feat, val, f"the validation images{label}", args, device, rank, world)
+    if args.knn or args.cached_features:
+        train_f, train_y = extract(feat, train_eval, f"the training images{label}", args, device, rank, world)
+    if args.knn:
+        if rank == 0:
+            res = knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
+                               args.temperature, C)
+            found["knn"] = {str(k): {"top1": round(a, 3), "top5": b if b is None else round(b, 3),
+                                     "k_used": min(k, len(train_f))}
+                            for k, (a, b) in res.items()}
+    if args.cached_features:
+        if rank == 0:
+            lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr, device)
+            found["linear"] = probe_result(*acc)
+    if not (args.knn or args.cached_features):
+        aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
+        train_aug = mokd.open_images(args.train_path, "--train-path", "train", args.data_root, aug)
+        lin, *acc = train_linear_full(feat, train_aug, (val_f, val_y), args, lr, device,
+                                      rank, world, C, val_f.shape[1])
+        found["linear"] = probe_result(*acc)
+    return found, lin, val_y
+
+
 def export_backbone(path, model, which, out):
     """Write one backbone (the teacher's or the student's): torchvision ResNet keys (no fc) or DINO/timm ViT keys,
     plus metadata."""
@@ -311,7 +365,10 @@ def export_backbone(path, model, which, out):
     prefix = "backbone.net." if arch in mokd.RESNETS else "backbone."
     state = {k[len(prefix):]: v for k, v in ckpt["models"][model][which].items() if k.startswith(prefix)}
     meta = {"arch": arch, "patch_size": cfg["patch_size"], "stem": cfg["stem"], "image_size": cfg["global_crop_size"],
-            "source": os.path.basename(path), "which": which}
+            "source": os.path.basename(path), "which": which, "model": model, "run_config": cfg}  # run: --baseline
+    if arch in mokd.VITS:  # mokd.VisionTransformer(dim, heads, patch_size, image_size, depth) rebuilds it
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        meta.update(dim=mokd.VITS[arch][0], heads=mokd.VITS[arch][1], depth=depth)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         mokd.atomic_save({"state_dict": state, "meta": meta}, out)
@@ -368,34 +425,28 @@ def evaluate(args):
               "model": args.model if args.checkpoint else None, "which": args.which if args.checkpoint else None,
               "arch": arch, "checkpoint": source, "train_size": len(train_eval), "val_size": len(val),
               "num_classes": C}
-    val_f, val_y = extract(feat, val, "the validation images", args, device, rank, world)
-    if args.knn or args.cached_features:
-        train_f, train_y = extract(feat, train_eval, "the training images", args, device, rank, world)
     base_lr = args.lr if args.lr is not None else (0.01 if arch in mokd.RESNETS else 0.001)
     lr = base_lr * args.batch_size_per_gpu * world / 256
-    lin = None
-    if args.knn:
-        if rank == 0:
-            for k in args.nb_knn:
-                if k > len(train_f):
-                    print(f"warning: --nb-knn {k} exceeds the {len(train_f)} training images: that k votes with all "
-                          f"{len(train_f)} (reported as k_used)", file=sys.stderr, flush=True)
-            res = knn_classify(*(x.to(device) for x in (train_f, train_y, val_f, val_y)), args.nb_knn,
-                               args.temperature, C)
-            result["knn"] = {str(k): {"top1": round(a, 3), "top5": b if b is None else round(b, 3),
-                                      "k_used": min(k, len(train_f))}
-                             for k, (a, b) in res.items()}
-    if args.cached_features:
-        if rank == 0:
-            lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr, device)
-            result["linear"] = probe_result(*acc)
-    if not (args.knn or args.cached_features):
-        aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
-        train_aug = mokd.open_images(args.train_path, "--train-path", "train", args.data_root, aug)
-        lin, *acc = train_linear_full(feat, train_aug, (val_f, val_y), args, lr, device,
-                                      rank, world, C, val_f.shape[1])
-        result["linear"] = probe_result(*acc)
+    for k in args.nb_knn if args.knn and rank == 0 else ():
+        if k > len(train_eval):
+            print(f"warning: --nb-knn {k} exceeds the {len(train_eval)} training images: that k votes with all "
+                  f"{len(train_eval)} (reported as k_used)", file=sys.stderr, flush=True)
+    run = (train_eval, val, C, args, size, lr, device, rank, world)
+    found, lin, val_y = protocols(feat, *run)
+    result.update(found)
+    top1, top5 = chance(val_y, C)
+    result["chance"] = {"top1": top1, "top5": top5, "rule": "answer the validation set's most frequent class(es)"}
+    baseline = args.baseline if args.baseline is not None else args.knn or args.cached_features
+    if baseline and "seed" not in cfg:  # a file written by --export before exports kept their run's config
+        mokd.say(rank, f"note: {source} does not say how its run began: no baseline at initialisation")
+        baseline = False
+    result["baseline"] = None
+    if baseline:
+        mokd.say(rank, f"baseline: the same protocol on {arch} at its initialisation (seed {cfg['seed']}, the run's "
+                       f"step-0 weights); --baseline false skips it")
+        init = initial_backbone(cfg, cfg["model"]).to(device).requires_grad_(False)
+        found, _, _ = protocols(feature_fn(init, arch, n_last, avgpool), *run, label=" (at initialisation)")
+        result["baseline"] = {"seed": cfg["seed"], **found}
     if checksum(bb) != before:
         raise MOKDError("the frozen backbone changed during evaluation (checksum mismatch): this is a bug")
     result["backbone_unchanged"] = True
@@ -413,15 +464,30 @@ def evaluate(args):
 
 
 def print_table(r):
+    """Every accuracy beside what it means: the same protocol at initialisation and chance (a constant answer)."""
     print(f"{r['arch']} ({r['checkpoint']}, model {r['model']}, {r['which']}): {r['train_size']} train / "
           f"{r['val_size']} val images, {r['num_classes']} classes")
-    rows = [(f"k-NN k={k}", v["top1"], v["top5"]) for k, v in r.get("knn", {}).items()]
-    if "linear" in r:
-        rows += [("linear best", r["linear"]["best_top1"], r["linear"]["best_top5"]),
-                 ("linear last", r["linear"]["last_top1"], r["linear"]["last_top5"])]
-    print(f"{'protocol':<14}{'top-1':>8}{'top-5':>8}")
-    for name, a, b in rows:
-        print(f"{name:<14}{a:>8.2f}{'-' if b is None else f'{b:.2f}':>8}")
+    base, rows = r["baseline"] or {}, []
+    for k, v in r.get("knn", {}).items():
+        b = base.get("knn", {}).get(k)
+        asked = "" if v["k_used"] == int(k) else f" ({k} asked)"  # the bank holds fewer images than k
+        rows.append((f"k-NN k={v['k_used']}{asked}", (v["top1"], v["top5"]), b and (b["top1"], b["top5"])))
+    for end in ("best", "last") if "linear" in r else ():
+        b = base.get("linear")
+        rows.append((f"linear {end}", (r["linear"][f"{end}_top1"], r["linear"][f"{end}_top5"]),
+                     b and (b[f"{end}_top1"], b[f"{end}_top5"])))
+    rows.append(("chance", (r["chance"]["top1"], r["chance"]["top5"]), None))
+    print(f"{'protocol':<24}{'top-1':>8}{'top-5':>8}{'at init: top-1':>16}{'top-5':>8}")
+    for name, acc, init in rows:
+        cells = [a for pair in (acc, init or ()) for a in pair]
+        print(f"{name:<24}" + "".join(f"{'-' if a is None else f'{a:.2f}':>{w}}" for a, w in zip(cells, (8, 8, 16, 8))))
+    if r["baseline"]:
+        print(f"at init: the same protocol on {r['arch']} at its initialisation (seed {base['seed']}: the run's "
+              f"weights at step 0); what training added is the difference")
+    print(f"chance: always answering the validation set's most frequent class (100 / {r['num_classes']} = "
+          f"{100 / r['num_classes']:.2f} when the classes are balanced)")
+    print("backbone_unchanged: the backbone's weights hash the same before and after this evaluation (the probe "
+          "trains only its linear layer)")
 
 
 def interrupt(signum, frame):

@@ -1767,3 +1767,69 @@ def test_resize_pos_embed_unchanged_grid_and_dtypes():
     assert mokd.resize_pos_embed(pos, (7, 7), (7, 7)) is pos
     assert mokd.resize_pos_embed(pos.bfloat16(), (7, 7), (3, 3)).dtype == torch.bfloat16
     assert mokd.resize_pos_embed(pos, (7, 7), (3, 3)).dtype == torch.float32
+
+
+# ==== Issue 31: what a new user meets (baselines, small images, Ctrl-C, help, output folders) ====
+def lr0_run(tmp_path):
+    """One step of a tiny run with every lr 0: the students keep their step-0 weights."""
+    out = tmp_path / "lr0"
+    mokd.main(["--arch-a", "vit_tiny", "--arch-b", "resnet18", *TINY, "--seed", "3", "--max-steps", "1", "--lr-a", "0",
+               "--lr-b", "0", "--thead-lr", "0", "--output-dir", str(out)])
+    return str(out / "checkpoint.pth")
+
+
+@pytest.mark.slow
+def test_the_baseline_is_the_runs_step_0_network_under_the_same_protocol(tmp_path, capsys):
+    ckpt = lr0_run(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    for m in "ab":
+        init = eval_linear.initial_backbone(saved["config"], m)
+        student = saved["models"][m]["student"]
+        assert all(torch.equal(p, student["backbone." + k]) for k, p in init.named_parameters())
+        other = eval_linear.initial_backbone({**saved["config"], "seed": 4}, m)
+        assert not all(torch.equal(p, q) for p, q in zip(init.parameters(), other.parameters()))
+    root = tmp_path / "data"
+    common = ["--checkpoint", ckpt, "--model", "a", "--which", "student", "--train-path", make_folder(root / "t", 4),
+              "--val-path", make_folder(root / "v", 2, seed=1), "--num-workers", "0", "--device", "cpu", "--knn",
+              "--cached-features", "--epochs", "2", "--batch-size-per-gpu", "4"]
+    capsys.readouterr()
+    eval_linear.main(common)  # the ViT of this checkpoint still has its step-0 weights (no BatchNorm statistics)
+    out = capsys.readouterr().out
+    r = last_json(out)
+    assert r["baseline"]["seed"] == 3 and r["baseline"]["knn"] == r["knn"] and r["baseline"]["linear"] == r["linear"]
+    assert "at init: top-1" in out and "the same protocol on vit_tiny at its initialisation" in out
+    eval_linear.main(common + ["--baseline", "false"])
+    assert last_json(capsys.readouterr().out)["baseline"] is None
+
+
+def test_the_baseline_of_a_trained_checkpoint_and_of_its_export_and_chance(trained, tmp_path, capsys):
+    common = ["--train-path", trained["train"], "--val-path", trained["val"], "--num-workers", "0", "--device", "cpu",
+              "--knn", "--model", "b"]
+    eval_linear.main(["--checkpoint", trained["ckpt"], *common])
+    out = capsys.readouterr().out
+    r = last_json(out)
+    assert set(r["baseline"]["knn"]) == set(r["knn"]) and r["baseline"]["seed"] == 0
+    assert r["chance"]["top1"] == 33.333 and r["chance"]["top5"] is None  # 3 balanced classes
+    assert "k-NN k=15 (100 asked)" in out and "k-NN k=200" not in out  # the bank holds 15 images
+    assert "backbone_unchanged:" in out
+    exported = str(tmp_path / "b.pth")
+    eval_linear.main(["--checkpoint", trained["ckpt"], "--model", "b", "--export", exported])
+    eval_linear.main(["--backbone", exported, *common])
+    assert last_json(capsys.readouterr().out)["baseline"] == r["baseline"]
+
+
+def test_chance_is_the_share_of_the_most_frequent_classes():
+    y = torch.tensor([0, 0, 0, 1, 2])
+    assert eval_linear.chance(y, 3) == (60.0, None)
+    y = torch.tensor([0] * 4 + [1] * 3 + [2] * 2 + [3, 4, 5, 6])  # 13 labels, 7 classes
+    assert eval_linear.chance(y, 7) == (round(100 * 4 / 13, 3), round(100 * 11 / 13, 3))
+
+
+def test_an_exported_vit_rebuilds_from_its_metadata_alone(trained, tmp_path):
+    out = str(tmp_path / "vit.pth")
+    eval_linear.main(["--checkpoint", trained["ckpt"], "--model", "b", "--export", out])
+    obj = torch.load(out, weights_only=True)
+    meta = obj["meta"]
+    assert (meta["dim"], meta["heads"], meta["depth"], meta["model"]) == (192, 3, 12, "b")
+    vit = mokd.VisionTransformer(meta["dim"], meta["heads"], meta["patch_size"], meta["image_size"], meta["depth"])
+    vit.load_state_dict(obj["state_dict"], strict=True)
