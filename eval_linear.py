@@ -452,7 +452,8 @@ def evaluate(args):
     result["backbone_unchanged"] = True
     if rank == 0:
         print_table(result)
-        if args.output_dir:  # created and checked writable at the start
+        if args.output_dir:  # checked writable at the start, created only now: nothing is left by a failed run
+            os.makedirs(args.output_dir, exist_ok=True)
             who = f"model_{args.model}_{args.which}" if args.checkpoint else f"backbone_{arch}"
             name = f"eval_{result['mode']}_{who}"  # one file per model and teacher / student
             with open(os.path.join(args.output_dir, name + ".json"), "w") as f:

@@ -1833,3 +1833,31 @@ def test_an_exported_vit_rebuilds_from_its_metadata_alone(trained, tmp_path):
     assert (meta["dim"], meta["heads"], meta["depth"], meta["model"]) == (192, 3, 12, "b")
     vit = mokd.VisionTransformer(meta["dim"], meta["heads"], meta["patch_size"], meta["image_size"], meta["depth"])
     vit.load_state_dict(obj["state_dict"], strict=True)
+
+
+def test_small_images_are_told_the_recipe_and_the_batch_that_fit_and_a_refusal_leaves_no_folder(tmp_path, capsys):
+    folder = make_folder(tmp_path / "small", 10, size=32)  # 30 images of 32 px
+    out = tmp_path / "runs" / "mine"
+    err = cli_error(capsys, "--data-path", folder, "--output-dir", str(out), "--device", "cpu", "--num-workers", "0")
+    assert "the images are about 32 px on their short side, far smaller than the 224 px global crops" in err
+    assert "--recipe cifar10 crops 32 px" in err
+    assert "30 images are fewer than one global batch (32 x 1 processes); --batch-size-per-gpu 7 gives" in err
+    assert err.index("far smaller") < err.index("fewer than one global batch")  # said before anything is built
+    assert not os.path.exists(tmp_path / "runs")  # the refused run created no folder
+    err = cli_error(capsys, "--data-path", str(tmp_path / "missing"), "--output-dir", str(out))
+    assert "--data-path" in err and not os.path.exists(tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        eval_linear.main(["--checkpoint", str(tmp_path / "none.pth"), "--knn", "--output-dir", str(out)])
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.slow
+def test_a_small_folder_runs_under_the_cifar10_recipe_with_the_batch_named(tmp_path, capfd):
+    folder = make_folder(tmp_path / "small", 10, size=32)
+    out = tmp_path / "run"
+    mokd.main(["--recipe", "cifar10", "--data-path", folder, "--batch-size-per-gpu", "7", "--max-steps", "1",
+               "--device", "cpu", "--num-workers", "0", "--output-dir", str(out)])
+    err = capfd.readouterr().err
+    assert "far smaller" not in err and os.path.exists(out / "checkpoint.pth")
+    info = json.load(open(out / "config.json"))
+    assert info["device"] == "cpu" and info["machine"] == os.uname().machine
