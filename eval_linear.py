@@ -12,6 +12,7 @@ stops the evaluation with its path. The last line of output is one JSON object w
 """
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -21,7 +22,18 @@ import signal
 import sys
 import time
 
-import torch
+
+def interrupted_while_loading(signum, frame):
+    """Ctrl-C or SIGTERM while torch loads (seconds): the one line that `interrupt` prints later, no traceback."""
+    print("evaluation interrupted: nothing was written", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, interrupted_while_loading)
+
+import torch  # noqa: E402 (after the handlers above)
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -302,7 +314,8 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
         sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size_per_gpu, sampler=sampler,
                                          shuffle=sampler is None, num_workers=args.num_workers, drop_last=False,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+                                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+                                         worker_init_fn=mokd.quiet_worker)  # Ctrl-C reaches this process only
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader), eta_min=0)
     val_f, val_y = val_feats[0].to(device), val_feats[1].to(device)
     best = None
@@ -491,9 +504,13 @@ def print_table(r):
           "trains only its linear layer)")
 
 
-def interrupt(signum, frame):
+def interrupt(main_pid, signum, frame):
     """Ctrl-C or SIGTERM: one line, the DataLoader's workers killed, exit at once (nothing is written before the end of
-    an evaluation, so nothing is lost). A worker that saw this process vanish would print a traceback."""
+    an evaluation, so nothing is lost). A worker that saw this process vanish would print a traceback. A terminal's
+    Ctrl-C reaches the whole process group: a worker forked with this handler, before quiet_worker made it ignore
+    Ctrl-C, stays silent (this process kills it)."""
+    if os.getpid() != main_pid:
+        return
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal (torchrun forwards Ctrl-C) changes nothing
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's own handler would raise for the workers killed here
@@ -510,7 +527,8 @@ def interrupt(signum, frame):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handler = functools.partial(interrupt, os.getpid())
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return evaluate(args)
     except MOKDError as e:

@@ -1861,3 +1861,30 @@ def test_a_small_folder_runs_under_the_cifar10_recipe_with_the_batch_named(tmp_p
     assert "far smaller" not in err and os.path.exists(out / "checkpoint.pth")
     info = json.load(open(out / "config.json"))
     assert info["device"] == "cpu" and info["machine"] == os.uname().machine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["knn", "full probe"])
+def test_ctrl_c_to_the_whole_process_group_during_an_evaluation_prints_one_line(trained, protocol):
+    """A terminal's Ctrl-C reaches every process of its group: the evaluation and its DataLoader workers."""
+    args = ["--checkpoint", trained["ckpt"], "--num-workers", "2", "--device", "cpu", "--batch-size-per-gpu", "4"]
+    args += ["--knn"] if protocol == "knn" else ["--train-path", trained["train"], "--val-path", trained["val"],
+                                                  "--epochs", "100000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "eval_linear.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)  # its own process group, as a terminal gives a command
+    for line in proc.stdout:  # the workers are running
+        if line.startswith("features of" if protocol == "knn" else "linear probe epoch"):
+            break
+    os.killpg(proc.pid, subprocess.signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.count("evaluation interrupted") == 1 and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_the_interrupt_handler_is_silent_in_a_forked_worker():
+    code = ("import os, signal, eval_linear; eval_linear.interrupt(os.getpid() + 1, signal.SIGINT, None); "
+            "print('still running')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "still running" in r.stdout and "interrupted" not in r.stderr, r.stderr[-2000:]
