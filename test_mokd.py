@@ -1888,3 +1888,12 @@ def test_the_interrupt_handler_is_silent_in_a_forked_worker():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "still running" in r.stdout and "interrupted" not in r.stderr, r.stderr[-2000:]
+
+
+def test_help_opens_with_the_recipe_shown_and_the_cost_of_each_evaluation(capsys):
+    top = help_text(capsys).split("options:")[0]  # what a user reads before the flags
+    assert "usage: mokd.py [flags]" in top and "Defaults below: recipe 'demo'" in top and "not real data" in top
+    assert "`--recipe NAME --help` shows NAME's" in top
+    top = " ".join(eval_linear.build_parser().format_help().split()).split("options:")[0]
+    assert "--knn passes the training and validation images through the frozen backbone once" in top
+    assert "DINO's full linear probe passes the augmented training images" in top and "--epochs (100)" in top
