@@ -465,14 +465,15 @@ def evaluate(args):
     top1, top5 = chance(val_y, C)
     result["chance"] = {"top1": top1, "top5": top5, "rule": "answer the validation set's most frequent class(es)"}
     baseline = args.baseline if args.baseline is not None else args.knn or args.cached_features
-    if baseline and "seed" not in cfg:  # a file written by --export before exports kept their run's config
-        mokd.say(rank, f"note: {source} does not say how its run began: no baseline at initialisation")
-        baseline = False
-    result["baseline"] = None
+    result["baseline"] = init = None
     if baseline:
+        try:  # an export written before exports kept their run's config cannot say how its run began
+            init = initial_backbone(cfg, cfg["model"]).to(device).requires_grad_(False)
+        except KeyError as e:
+            mokd.say(rank, f"note: {source} does not say how its run began (no {e} in its config): no baseline")
+    if init is not None:
         mokd.say(rank, f"baseline: the same protocol on {arch} at its initialisation (seed {cfg['seed']}, the run's "
                        f"step-0 weights); --baseline false skips it")
-        init = initial_backbone(cfg, cfg["model"]).to(device).requires_grad_(False)
         found, _, _ = protocols(feature_fn(init, arch, n_last, avgpool), *run, label=" (at initialisation)")
         result["baseline"] = {"seed": cfg["seed"], **found}
     if checksum(bb) != before:
@@ -506,7 +507,7 @@ def print_table(r):
         rows.append((f"linear {end}", (r["linear"][f"{end}_top1"], r["linear"][f"{end}_top5"]),
                      b and (b[f"{end}_top1"], b[f"{end}_top5"])))
     rows.append(("chance", (r["chance"]["top1"], r["chance"]["top5"]), None))
-    print(f"{'protocol':<24}{'top-1':>8}{'top-5':>8}{'at init: top-1':>16}{'top-5':>8}")
+    print(f"{'protocol':<24}{'top-1':>8}{'top-5':>8}" + (f"{'at init: top-1':>16}{'top-5':>8}" if base else ""))
     for name, acc, init in rows:
         cells = [a for pair in (acc, init or ()) for a in pair]
         print(f"{name:<24}" + "".join(f"{'-' if a is None else f'{a:.2f}':>{w}}" for a, w in zip(cells, (8, 8, 16, 8))))

@@ -820,7 +820,7 @@ def unwrap(model):
 def check_writable_dir(path, flag):
     """Write a file into the folder or the nearest existing one above: fails now, creates nothing (start_report does)"""
     parent = os.path.abspath(path)
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):  # a dangling link counts: writing into it fails
         parent = os.path.dirname(parent)
     try:
         tempfile.TemporaryFile(dir=parent).close()

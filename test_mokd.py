@@ -1816,6 +1816,12 @@ def test_the_baseline_of_a_trained_checkpoint_and_of_its_export_and_chance(train
     eval_linear.main(["--checkpoint", trained["ckpt"], "--model", "b", "--export", exported])
     eval_linear.main(["--backbone", exported, *common])
     assert last_json(capsys.readouterr().out)["baseline"] == r["baseline"]
+    obj = torch.load(exported, weights_only=True)
+    del obj["meta"]["run_config"]  # as an export written before exports kept it
+    torch.save(obj, exported)
+    eval_linear.main(["--backbone", exported, *common])
+    out = capsys.readouterr().out
+    assert "does not say how its run began" in out and last_json(out)["baseline"] is None and "at init" not in out
 
 
 def test_chance_is_the_share_of_the_most_frequent_classes():
