@@ -1161,9 +1161,9 @@ def recipe_defaults(recipe, arch_a=None, arch_b=None, epochs=None):
 def build_parser(recipe="demo", arch_a=None, arch_b=None, epochs=None):
     """The full parser with the defaults of `recipe` for the pair (arch_a, arch_b) and `epochs`."""
     p = argparse.ArgumentParser("mokd.py", formatter_class=HelpFormatter, allow_abbrev=False, usage="%(prog)s [flags]",
-                                description=f"{__doc__.splitlines()[0]} Defaults below: recipe {recipe!r}. Demo's (the "
-                                f"recipe without --data-path) suit 3 minutes on synthetic shapes, not real data; "
-                                f"`--recipe NAME --help` shows NAME's ({', '.join(RECIPES)}); --data-path: imagenet's")
+                                description=f"{__doc__.splitlines()[0]} Defaults below: recipe {recipe!r}, this pair, "
+                                f"--epochs. Demo's (no --data-path) suit 3 minutes on synthetic shapes, not real data; "
+                                f"`--recipe NAME --help` shows NAME's ({', '.join(RECIPES)}; --data-path: imagenet)")
     a = p.add_argument
     a("--recipe", choices=list(RECIPES), help="preset of every default (demo without --data-path, imagenet with it)")
     a("--arch-a", choices=ARCHS, help="model A")
