@@ -509,8 +509,8 @@ def print_table(r):
     rows.append(("chance", (r["chance"]["top1"], r["chance"]["top5"]), None))
     print(f"{'protocol':<24}{'top-1':>8}{'top-5':>8}" + (f"{'at init: top-1':>16}{'top-5':>8}" if base else ""))
     for name, acc, init in rows:
-        cells = [a for pair in (acc, init or ()) for a in pair]
-        print(f"{name:<24}" + "".join(f"{'-' if a is None else f'{a:.2f}':>{w}}" for a, w in zip(cells, (8, 8, 16, 8))))
+        cells = [f"{'-' if a is None else f'{a:.2f}'}" for a in (*acc, *(init or ()))]  # top-5: - with <= 5 classes
+        print(f"{name:<24}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (8, 8, 16, 8))))
     if r["baseline"]:
         print(f"at init: the same protocol on {r['arch']} at its initialisation (seed {base['seed']}: the run's "
               f"weights at step 0); what training added is the difference")
