@@ -1,7 +1,7 @@
 """Linear-probe and k-NN evaluation of either model of a MOKD run (DINO's protocols).
 
     python eval_linear.py --checkpoint out/checkpoint.pth --model a --knn --train-path T --val-path V
-    python eval_linear.py --checkpoint out/checkpoint.pth --model b --train-path T --val-path V   # linear probe
+    python eval_linear.py --checkpoint out/checkpoint.pth --model b --train-path T --val-path V   # DINO's full probe
     python eval_linear.py --checkpoint out/checkpoint.pth --model b --cached-features ...        # fast probe
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint ... --model a --train-path T --val-path V
     python eval_linear.py --checkpoint out/checkpoint.pth --model a --export resnet18_a.pth   # the teacher backbone
@@ -12,6 +12,7 @@ stops the evaluation with its path. The last line of output is one JSON object w
 """
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -21,7 +22,18 @@ import signal
 import sys
 import time
 
-import torch
+
+def interrupted_while_loading(signum, frame):
+    """Ctrl-C or SIGTERM while torch loads (seconds): the one line that `interrupt` prints later, no traceback."""
+    print("evaluation interrupted: nothing was written", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, interrupted_while_loading)
+
+import torch  # noqa: E402 (after the handlers above)
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,8 +44,18 @@ import mokd
 from mokd import MOKDError
 
 
+COST = (__doc__.split("\n")[0] + " What each mode costs: --knn passes the training and validation images through "
+        "the frozen backbone once (CIFAR-10's 60,000 images: 20 s on an H200, tens of minutes on a 2-core CPU); "
+        "--cached-features adds a probe on those features (seconds); without either, DINO's full linear probe passes "
+        "the augmented training images through the backbone in each of --epochs (100) epochs, about --epochs times "
+        "the cost of --knn (on a 2-core CPU, 1 s per epoch for 120 images of 16 px). --baseline runs the chosen "
+        "protocol once more at initialisation.")
+
+
 def build_parser():
-    p = argparse.ArgumentParser("eval_linear", description=__doc__.split("\n")[0], formatter_class=mokd.HelpFormatter)
+    p = argparse.ArgumentParser("eval_linear.py", description=COST, formatter_class=mokd.HelpFormatter,
+                                usage="%(prog)s --checkpoint CKPT [--knn] [--cached-features] [--train-path T "
+                                "--val-path V] [flags below]")
     a = p.add_argument
     a("--checkpoint", help="a mokd.py checkpoint.pth")
     a("--backbone", help="instead of --checkpoint: a file written by --export")
@@ -46,17 +68,19 @@ def build_parser():
     a("--data-root", default="data", help="where named datasets are (or are downloaded to)")
     a("--export", metavar="OUT", help="write the backbone (--which) of --model of --checkpoint to OUT "
       "(torchvision ResNet keys without fc, or DINO/timm ViT keys, plus metadata) and exit")
-    a("--knn", action="store_true", help="k-NN evaluation instead of the linear probe (with --cached-features: both, "
-      "from one feature extraction)")
+    a("--knn", action="store_true", help="k-NN evaluation instead of the linear probe, one feature extraction (with "
+      "--cached-features: both, from that extraction)")
     a("--nb-knn", type=mokd.positive_int, nargs="+", default=[10, 20, 100, 200], help="k values")
     a("--temperature", type=mokd.temperature, default=0.07, help="k-NN vote weights exp(similarity / T)")
-    a("--cached-features", action="store_true", help="linear probe on features extracted once, without augmentation")
+    a("--cached-features", action="store_true", help="linear probe on features extracted once, without augmentation "
+      "(about --epochs times cheaper than the full probe)")
     a("--n-last-blocks", type=mokd.positive_int, help="ViT: concatenate the CLS tokens of the last n blocks, for "
       "k-NN and probe (default: k-NN 1, the final CLS, as DINO's and the authors' eval_knn.py; probe 4 for vit_tiny "
       "and vit_small, 1 for vit_base, as DINO's eval_linear.py)")
     a("--avgpool-patchtokens", type=mokd.boolean, help="ViT: append the mean patch token, for k-NN and probe "
       "(default: true for a vit_base probe only)")
-    a("--epochs", type=mokd.positive_int, default=100, help="linear-probe epochs")
+    a("--epochs", type=mokd.positive_int, default=100, help="linear-probe epochs (the full probe: one pass of the "
+      "augmented training images through the backbone each)")
     a("--lr", type=mokd.non_negative, help="base lr of the linear probe, scaled by global batch / 256 (default: "
       "0.01 for a ResNet, 0.001 for a ViT)")
     a("--batch-size-per-gpu", type=mokd.positive_int, default=128, help="images (or cached features) per batch and "
@@ -65,6 +89,10 @@ def build_parser():
     a("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     a("--output-dir", help="keep the result JSON and the linear layer's weights here")
     a("--seed", type=int, default=0, help="seed of the linear layer's initialisation and the data order")
+    a("--baseline", type=mokd.boolean, help="also evaluate the same architecture at its initialisation (the run's "
+      "seed: its step-0 weights) with the same protocol, beside the trained numbers (default: true with --knn or "
+      "--cached-features, which extract the features once more; false for the full probe, which it would train "
+      "twice)")
     return p
 
 
@@ -88,7 +116,8 @@ class Progress:
 
 # ----------------------------------------------------------------------------- loading
 def load_backbone(args):
-    """-> (backbone in eval mode, a cfg dict with arch / patch_size / stem / global_crop_size, source name)."""
+    """-> (backbone in eval mode, a cfg dict with arch / patch_size / stem / global_crop_size, and the run's whole
+    config and "model" where known (for --baseline), source name)."""
     if bool(args.checkpoint) == bool(args.backbone):
         raise MOKDError("give exactly one of --checkpoint and --backbone")
     if args.checkpoint:
@@ -99,18 +128,31 @@ def load_backbone(args):
                  if k.startswith("backbone.")}
         bb = mokd.build_backbone(arch, cfg)
         mokd.load_strict(bb, state, f"{args.checkpoint} (model {args.model}, {args.which})")
-        return bb.eval(), {**cfg, "arch": arch}, args.checkpoint
+        return bb.eval(), {**cfg, "arch": arch, "model": args.model}, args.checkpoint
     try:
         obj = torch.load(args.backbone, map_location="cpu", weights_only=True)
         meta, state = obj["meta"], obj["state_dict"]
     except Exception as e:
         raise MOKDError(f"--backbone {args.backbone!r} is not a backbone written by `eval_linear.py --export` "
                         f"({type(e).__name__}: {e})") from None
-    cfg = {"arch": meta["arch"], "patch_size": meta["patch_size"], "stem": meta["stem"],
-           "global_crop_size": meta["image_size"]}
+    cfg = {**meta.get("run_config", {}), "arch": meta["arch"], "patch_size": meta["patch_size"], "stem": meta["stem"],
+           "global_crop_size": meta["image_size"], "model": meta.get("model")}  # an older export: no run_config
     bb = mokd.build_backbone(meta["arch"], cfg)
     mokd.load_strict(bb.net if meta["arch"] in mokd.RESNETS else bb, state, args.backbone)
     return bb.eval(), cfg, args.backbone
+
+
+def initial_backbone(cfg, model):
+    """Backbone of `model` ("a" or "b") at step 0 of the run whose config is `cfg`, in eval mode. mokd.py's train()
+    seeds torch with cfg["seed"], then Run builds model A's student and teacher, then model B's (each teacher draws
+    its own weights before it copies its student's): replaying those draws gives the step-0 weights (tested)."""
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(cfg["seed"])
+        for m in "ab":
+            student = mokd.MOKDModel(cfg[f"arch_{m}"], cfg, cfg[f"norm_last_layer_{m}"], cfg["drop_path"])
+            if m == model:
+                return student.backbone.eval()
+            mokd.MOKDModel(cfg[f"arch_{m}"], cfg, cfg[f"norm_last_layer_{m}"])  # A's teacher, built before B
 
 
 def last_blocks(vit, x, n):
@@ -283,6 +325,13 @@ def probe_result(best, last, feature, base_lr, lr, args, world, augmentation):
             "augmentation": augmentation}
 
 
+def chance(y, num_classes):
+    """Top-1 and top-5 accuracy (%) of a constant answer that knows the label frequencies of y (N,): the share of the
+    most frequent class (100 / classes when balanced) and of the 5 most frequent (None with 5 classes or fewer)."""
+    counts = torch.bincount(y, minlength=num_classes).float()  # (C,)
+    return accuracy(counts.expand(len(y), -1), y)
+
+
 def make_linear(dim, num_classes):
     lin = nn.Linear(dim, num_classes)
     nn.init.normal_(lin.weight, std=0.01)
@@ -327,7 +376,7 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
         sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size_per_gpu, sampler=sampler,
                                          shuffle=sampler is None, num_workers=args.num_workers, drop_last=False,
-                                         collate_fn=collate_marked,
+                                         collate_fn=collate_marked, worker_init_fn=mokd.quiet_worker,  # Ctrl-C: here only
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader), eta_min=0)
     val_f, val_y = val_feats[0].to(device), val_feats[1].to(device)
@@ -354,6 +403,43 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
 
 
 # ----------------------------------------------------------------------------- main
+def protocols(feat, spec, train_eval, val, C, args, size, lrs, device, rank, world, label=""):
+    """The chosen protocols (--knn, --cached-features, or the full probe) on the frozen features `feat` (one
+    extraction of the feature spec["extracted"]; the k-NN takes its columns of spec["knn"]) -> ({"knn": ...,
+    "linear": ...} on rank 0, the linear layer or None, validation labels (N,)). lrs: (base lr, scaled lr); `label`
+    marks the progress lines."""
+    found, lin, (base_lr, lr) = {}, None, lrs
+    val_f, val_y = readable_rows(*extract(feat, val, f"the validation images{label}", args, device, rank, world),
+                                 "validation images", rank)
+    if args.knn or args.cached_features:
+        train_f, train_y = readable_rows(*extract(feat, train_eval, f"the training images{label}", args, device, rank,
+                                                  world), "training images", rank)
+    if args.knn and rank == 0:
+        cols = spec_columns(spec["knn"], spec["extracted"], spec["width"])  # k-NN + cached probe: one extraction
+        if cols is None:
+            raise MOKDError("this k-NN feature is not part of the probe's: give --knn and --cached-features in two "
+                            "calls")
+        knn_f = [f[:, cols].contiguous() if len(cols) < f.shape[1] else f for f in (train_f, val_f)]
+        res = knn_classify(*(x.to(device) for x in (knn_f[0], train_y, knn_f[1], val_y)), args.nb_knn,
+                           args.temperature, C)
+        found["knn_feature"], found["knn_temperature"] = spec["knn"], args.temperature
+        found["knn"] = {str(k): {"top1": round(a, 3), "top5": b if b is None else round(b, 3),
+                                 "k_used": min(k, len(train_f))}
+                        for k, (a, b) in res.items()}
+    if args.cached_features and rank == 0:
+        lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr, device)
+        found["linear"] = probe_result(*acc, spec["linear"], base_lr, lr, args, world, "none (cached features)")
+    if not (args.knn or args.cached_features):
+        aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
+        train_aug = mokd.open_images(args.train_path, "--train-path", "train", args.data_root, aug)
+        lin, *acc = train_linear_full(feat, train_aug, (val_f, val_y), args, lr, device,
+                                      rank, world, C, val_f.shape[1])
+        found["linear"] = probe_result(*acc, spec["linear"], base_lr, lr, args, world,
+                                       "RandomResizedCrop + horizontal flip")
+    return found, lin, val_y
+
+
 def export_backbone(path, model, which, out):
     """Write one backbone (the teacher's or the student's): torchvision ResNet keys (no fc) or DINO/timm ViT keys,
     plus metadata."""
@@ -362,7 +448,10 @@ def export_backbone(path, model, which, out):
     prefix = "backbone.net." if arch in mokd.RESNETS else "backbone."
     state = {k[len(prefix):]: v for k, v in ckpt["models"][model][which].items() if k.startswith(prefix)}
     meta = {"arch": arch, "patch_size": cfg["patch_size"], "stem": cfg["stem"], "image_size": cfg["global_crop_size"],
-            "source": os.path.basename(path), "which": which}
+            "source": os.path.basename(path), "which": which, "model": model, "run_config": cfg}  # run: --baseline
+    if arch in mokd.VITS:  # mokd.VisionTransformer(dim, heads, patch_size, image_size, depth) rebuilds it
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        meta.update(dim=mokd.VITS[arch][0], heads=mokd.VITS[arch][1], depth=depth)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         mokd.atomic_save({"state_dict": state, "meta": meta}, out)
@@ -392,8 +481,10 @@ def evaluate(args):
     bb.requires_grad_(False)
     spec = {p: feature_spec(arch, bb.embed_dim, p, args.n_last_blocks, args.avgpool_patchtokens)
             for p in ("knn", "linear")}
-    extracted = spec["knn"] if args.knn and not args.cached_features else spec["linear"]  # one extraction
-    feat = feature_fn(bb, arch, extracted.get("blocks"), extracted.get("avgpool_patchtokens"))
+    spec["extracted"] = spec["knn"] if args.knn and not args.cached_features else spec["linear"]  # one extraction
+    spec["width"] = bb.embed_dim
+    blocks, avgpool = spec["extracted"].get("blocks"), spec["extracted"].get("avgpool_patchtokens")
+    feat = feature_fn(bb, arch, blocks, avgpool)
     before = checksum(bb)
     tf_eval = eval_transform(size)
     if args.train_path is None:  # a demo checkpoint: held-out synthetic images, apart from the training images
@@ -419,50 +510,42 @@ def evaluate(args):
               "model": args.model if args.checkpoint else None, "which": args.which if args.checkpoint else None,
               "arch": arch, "checkpoint": source, "train_size": len(train_eval), "val_size": len(val),
               "num_classes": C}
-    val_f, val_y = readable_rows(*extract(feat, val, "the validation images", args, device, rank, world),
-                                 "validation images", rank)
-    if args.knn or args.cached_features:
-        train_f, train_y = readable_rows(*extract(feat, train_eval, "the training images", args, device, rank, world),
-                                         "training images", rank)
     base_lr = args.lr if args.lr is not None else (0.01 if arch in mokd.RESNETS else 0.001)
     # The cached probe trains in one process on every feature: its batch, and so its lr, do not depend on the world.
     lr = base_lr * args.batch_size_per_gpu * (1 if args.cached_features else world) / 256
-    lin = None
-    if args.knn:
-        if rank == 0:
-            for k in args.nb_knn:
-                if k > len(train_f):
-                    print(f"warning: --nb-knn {k} exceeds the {len(train_f)} training images: that k votes with all "
-                          f"{len(train_f)} (reported as k_used)", file=sys.stderr, flush=True)
-            cols = spec_columns(spec["knn"], extracted, bb.embed_dim)  # k-NN + cached probe: one extraction
-            if cols is None:
-                raise MOKDError("this k-NN feature is not part of the probe's: give --knn and --cached-features in "
-                                "two calls")
-            knn_f = [f[:, cols].contiguous() if len(cols) < f.shape[1] else f for f in (train_f, val_f)]
-            res = knn_classify(*(x.to(device) for x in (knn_f[0], train_y, knn_f[1], val_y)), args.nb_knn,
-                               args.temperature, C)
-            result["knn_feature"], result["knn_temperature"] = spec["knn"], args.temperature
-            result["knn"] = {str(k): {"top1": round(a, 3), "top5": b if b is None else round(b, 3),
-                                      "k_used": min(k, len(train_f))}
-                             for k, (a, b) in res.items()}
-    if args.cached_features:
-        if rank == 0:
-            lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr, device)
-            result["linear"] = probe_result(*acc, spec["linear"], base_lr, lr, args, world, "none (cached features)")
+    for k in args.nb_knn if args.knn and rank == 0 else ():
+        if k > len(train_eval):
+            print(f"warning: --nb-knn {k} exceeds the {len(train_eval)} training images: that k votes with all "
+                  f"{len(train_eval)} (reported as k_used)", file=sys.stderr, flush=True)
     if not (args.knn or args.cached_features):
-        aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
-        train_aug = mokd.open_images(args.train_path, "--train-path", "train", args.data_root, aug)
-        lin, *acc = train_linear_full(feat, train_aug, (val_f, val_y), args, lr, device,
-                                      rank, world, C, val_f.shape[1])
-        result["linear"] = probe_result(*acc, spec["linear"], base_lr, lr, args, world,
-                                        "RandomResizedCrop + horizontal flip")
+        mokd.say(rank, f"DINO's full linear probe: {args.epochs} epochs, each a pass of {len(train_eval)} augmented "
+                       f"training images through the backbone (--knn or --cached-features: one pass)")
+    run = (spec, train_eval, val, C, args, size, (base_lr, lr), device, rank, world)
+    found, lin, val_y = protocols(feat, *run)
+    result.update(found)
+    top1, top5 = chance(val_y, C)
+    result["chance"] = {"top1": top1, "top5": top5, "rule": "answer the validation set's most frequent class(es)"}
+    baseline = args.baseline if args.baseline is not None else args.knn or args.cached_features
+    result["baseline"] = init = None
+    if baseline:
+        try:  # an export written before exports kept their run's config cannot say how its run began
+            init = initial_backbone(cfg, cfg["model"]).to(device).requires_grad_(False)
+        except KeyError as e:
+            mokd.say(rank, f"note: {source} does not say how its run began (no {e} in its config): no baseline")
+    if init is not None:
+        mokd.say(rank, f"baseline: the same protocol on {arch} at its initialisation (seed {cfg['seed']}, the run's "
+                       f"step-0 weights); --baseline false skips it")
+        found, _, _ = protocols(feature_fn(init, arch, blocks, avgpool), *run, label=" (at initialisation)")
+        result["baseline"] = {"seed": cfg["seed"], **{k: v for k, v in found.items() if k in ("knn", "linear")}}
+    if checksum(bb) != before:
+        raise MOKDError("the frozen backbone changed during evaluation (checksum mismatch): this is a bug")
     if checksum(bb) != before:
         raise MOKDError("the frozen backbone changed during evaluation (checksum mismatch): this is a bug")
     result["backbone_unchanged"] = True
     if rank == 0:
         print_table(result)
-        if args.output_dir:  # created and checked writable at the start
+        if args.output_dir:  # checked writable at the start, created only now: nothing is left by a failed run
+            os.makedirs(args.output_dir, exist_ok=True)
             who = f"model_{args.model}_{args.which}" if args.checkpoint else f"backbone_{arch}"
             name = f"eval_{result['mode']}_{who}"  # one file per model and teacher / student
             with open(os.path.join(args.output_dir, name + ".json"), "w") as f:
@@ -474,25 +557,44 @@ def evaluate(args):
 
 
 def print_table(r):
+    """Every accuracy beside what it means: the same protocol at initialisation and chance (a constant answer)."""
     print(f"{r['arch']} ({r['checkpoint']}, model {r['model']}, {r['which']}): {r['train_size']} train / "
           f"{r['val_size']} val images, {r['num_classes']} classes")
-    rows = [(f"k-NN k={k}", v["top1"], v["top5"]) for k, v in r.get("knn", {}).items()]
-    if "linear" in r:
-        rows += [("linear best", r["linear"]["best_top1"], r["linear"]["best_top5"]),
-                 ("linear last", r["linear"]["last_top1"], r["linear"]["last_top5"])]
     for what, f in (("k-NN", r.get("knn_feature")), ("probe", r.get("linear", {}).get("feature"))):
         if f:
             print(f"{what} feature: " + (f"{f['pooling']}" if "pooling" in f else f"{f['tokens']} of the last "
                   f"{f['blocks']} block(s){' + mean patch token' if f['avgpool_patchtokens'] else ''}") +
                   f", dim {f['dim']}")
-    print(f"{'protocol':<14}{'top-1':>8}{'top-5':>8}")
-    for name, a, b in rows:
-        print(f"{name:<14}{a:>8.2f}{'-' if b is None else f'{b:.2f}':>8}")
+    base, rows = r["baseline"] or {}, []
+    for k, v in r.get("knn", {}).items():
+        b = base.get("knn", {}).get(k)
+        asked = "" if v["k_used"] == int(k) else f" ({k} asked)"  # the bank holds fewer images than k
+        rows.append((f"k-NN k={v['k_used']}{asked}", (v["top1"], v["top5"]), b and (b["top1"], b["top5"])))
+    for end in ("best", "last") if "linear" in r else ():
+        b = base.get("linear")
+        rows.append((f"linear {end}", (r["linear"][f"{end}_top1"], r["linear"][f"{end}_top5"]),
+                     b and (b[f"{end}_top1"], b[f"{end}_top5"])))
+    rows.append(("chance", (r["chance"]["top1"], r["chance"]["top5"]), None))
+    print(f"{'protocol':<24}{'top-1':>8}{'top-5':>8}" + (f"{'at init: top-1':>16}{'top-5':>8}" if base else ""))
+    for name, acc, init in rows:
+        cells = [f"{'-' if a is None else f'{a:.2f}'}" for a in (*acc, *(init or ()))]  # top-5: - with <= 5 classes
+        print(f"{name:<24}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (8, 8, 16, 8))))
+    if r["baseline"]:
+        print(f"at init: the same protocol on {r['arch']} at its initialisation (seed {base['seed']}: the run's "
+              f"weights at step 0); what training added is the difference")
+    print(f"chance: always answering the validation set's most frequent class (100 / {r['num_classes']} = "
+          f"{100 / r['num_classes']:.2f} when the classes are balanced)")
+    print("backbone_unchanged: the backbone's weights hash the same before and after this evaluation (the probe "
+          "trains only its linear layer)")
 
 
-def interrupt(signum, frame):
+def interrupt(main_pid, signum, frame):
     """Ctrl-C or SIGTERM: one line, the DataLoader's workers killed, exit at once (nothing is written before the end of
-    an evaluation, so nothing is lost). A worker that saw this process vanish would print a traceback."""
+    an evaluation, so nothing is lost). A worker that saw this process vanish would print a traceback. A terminal's
+    Ctrl-C reaches the whole process group: a worker forked with this handler, before quiet_worker made it ignore
+    Ctrl-C, stays silent (this process kills it)."""
+    if os.getpid() != main_pid:
+        return
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal (torchrun forwards Ctrl-C) changes nothing
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's own handler would raise for the workers killed here
@@ -509,7 +611,8 @@ def interrupt(signum, frame):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handler = functools.partial(interrupt, os.getpid())
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return evaluate(args)
     except MOKDError as e:

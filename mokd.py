@@ -203,13 +203,10 @@ def resize_pos_embed(pos, grid, new_grid):
     return x.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)  # (1, h'*w', D)
 
 def trunc_normal_init(module):
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear):  # DINO's init; a LayerNorm keeps PyTorch's (weight 1, bias 0), which is DINO's
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 class VisionTransformer(nn.Module):
     """DINO-style ViT; parameter names match DINO and timm (cls_token, pos_embed, patch_embed.proj, blocks.N...)."""
@@ -833,10 +830,16 @@ def make_loader(cfg, rank, world, device):
     else:
         images = SyntheticShapes(cfg["synthetic_size"], cfg["seed"], max(32, cfg["global_crop_size"]))
     ds = MultiCropDataset(images, aug, cfg["seed"])
+    sample = [images[i][0] for i in range(0, len(images), max(1, len(images) // 15))]  # up to 16 images
+    sides = sorted(min(img.size) for img in sample if img is not None)  # (unreadable images are None)
+    side, G = sides[len(sides) // 2] if sides else math.inf, cfg["global_crop_size"]  # the median short side
+    if rank == 0 and 2 * side < G:  # the crops would enlarge the images more than twice
+        print(f"warning: the images are about {side} px on their short side, far smaller than the {G} px global crops "
+              f"(--recipe cifar10 crops 32 px; --global-crop-size and --local-crop-size set any size)", file=sys.stderr)
     sampler = EpochSampler(len(ds), cfg["batch_size_per_gpu"], rank, world, cfg["seed"])
     if sampler.steps == 0:
         raise MOKDError(f"{len(ds)} images are fewer than one global batch ({cfg['batch_size_per_gpu']} x {world} "
-                        f"processes); lower --batch-size-per-gpu")
+                        f"processes); --batch-size-per-gpu {max(2, len(ds) // (4 * world))} gives ~4 steps per epoch")
     w = cfg["num_workers"]
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size_per_gpu"], sampler=sampler, num_workers=w,
                                          pin_memory=device.type == "cuda", worker_init_fn=quiet_worker,
@@ -874,10 +877,12 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 def check_writable_dir(path, flag):
-    """Create the folder if needed and write a file into it: fails now, not after hours of work."""
+    """Write a file into the folder or the nearest existing one above: fails now, creates nothing (start_report does)"""
+    parent = os.path.abspath(path)
+    while not os.path.lexists(parent):  # a dangling link counts: writing into it fails
+        parent = os.path.dirname(parent)
     try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         raise MOKDError(f"{flag} {path!r} cannot be created or written: {e.strerror or e}") from None
 
@@ -1176,9 +1181,10 @@ def train(cfg, rank, world, device, stop):
 def start_report(cfg, ds, niter, end, world, device, S):
     """At the start, on rank 0: config.json (the config, versions, hardware, command line), views.png (save_views),
     and a few lines on what the run is."""
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     info = {"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "device": hardware, "argv": sys.argv}
+            "python": platform.python_version(), "machine": platform.machine(), "argv": sys.argv,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    os.makedirs(cfg["output_dir"], exist_ok=True)  # only now: a refused run leaves no folder (check_writable_dir)
     with open(os.path.join(cfg["output_dir"], "config.json"), "w") as f:
         json.dump(info, f, indent=1)
     scale = save_views(ds, os.path.join(cfg["output_dir"], "views.png"))
@@ -1259,10 +1265,10 @@ def recipe_defaults(recipe, arch_a=None, arch_b=None, epochs=None):
 
 def build_parser(recipe="demo", arch_a=None, arch_b=None, epochs=None):
     """The full parser with the defaults of `recipe` for the pair (arch_a, arch_b) and `epochs`."""
-    p = argparse.ArgumentParser("mokd", description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
-                                allow_abbrev=False, epilog=f"Defaults shown are those of recipe {recipe!r} for "
-                                f"this pair and --epochs; `--recipe NAME --help` shows another recipe's "
-                                f"({', '.join(RECIPES)}). A recipe's warm-ups keep their share of --epochs.")
+    p = argparse.ArgumentParser("mokd.py", formatter_class=HelpFormatter, allow_abbrev=False, usage="%(prog)s [flags]",
+                                description=f"{__doc__.splitlines()[0]} Defaults below: recipe {recipe!r}, this pair, "
+                                f"--epochs. Demo's (no --data-path) suit 3 minutes on synthetic shapes, not real data; "
+                                f"`--recipe NAME --help` shows NAME's ({', '.join(RECIPES)}; --data-path: imagenet)")
     a = p.add_argument
     a("--recipe", choices=list(RECIPES), help="preset of every default (demo without --data-path, imagenet with it)")
     a("--arch-a", choices=ARCHS, help="model A")

@@ -2470,3 +2470,139 @@ def test_appledouble_jfif_and_decompression_bombs_are_read_alike_in_training_and
     out = capfd.readouterr()
     assert "1 of the 15 training images are unreadable and left out" in out.out and "huge.png" in out.err
     assert res["train_size"] == 15 and 0 <= res["knn"]["3"]["top1"] <= 100
+
+
+# ==== Issue 31: what a new user meets (baselines, small images, Ctrl-C, help, output folders) ====
+def lr0_run(tmp_path):
+    """One step of a tiny run with every lr 0: the students keep their step-0 weights."""
+    out = tmp_path / "lr0"
+    mokd.main(["--arch-a", "vit_tiny", "--arch-b", "resnet18", *TINY, "--seed", "3", "--max-steps", "1", "--lr-a", "0",
+               "--lr-b", "0", "--thead-lr", "0", "--output-dir", str(out)])
+    return str(out / "checkpoint.pth")
+
+
+@pytest.mark.slow
+def test_the_baseline_is_the_runs_step_0_network_under_the_same_protocol(tmp_path, capsys):
+    ckpt = lr0_run(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    for m in "ab":
+        init = eval_linear.initial_backbone(saved["config"], m)
+        student = saved["models"][m]["student"]
+        assert all(torch.equal(p, student["backbone." + k]) for k, p in init.named_parameters())
+        other = eval_linear.initial_backbone({**saved["config"], "seed": 4}, m)
+        assert not all(torch.equal(p, q) for p, q in zip(init.parameters(), other.parameters()))
+    root = tmp_path / "data"
+    common = ["--checkpoint", ckpt, "--model", "a", "--which", "student", "--train-path", make_folder(root / "t", 4),
+              "--val-path", make_folder(root / "v", 2, seed=1), "--num-workers", "0", "--device", "cpu", "--knn",
+              "--cached-features", "--epochs", "2", "--batch-size-per-gpu", "4"]
+    capsys.readouterr()
+    eval_linear.main(common)  # the ViT of this checkpoint still has its step-0 weights (no BatchNorm statistics)
+    out = capsys.readouterr().out
+    r = last_json(out)
+    assert r["baseline"]["seed"] == 3 and r["baseline"]["knn"] == r["knn"] and r["baseline"]["linear"] == r["linear"]
+    assert "at init: top-1" in out and "the same protocol on vit_tiny at its initialisation" in out
+    eval_linear.main(common + ["--baseline", "false"])
+    assert last_json(capsys.readouterr().out)["baseline"] is None
+
+
+def test_the_baseline_of_a_trained_checkpoint_and_of_its_export_and_chance(trained, tmp_path, capsys):
+    common = ["--train-path", trained["train"], "--val-path", trained["val"], "--num-workers", "0", "--device", "cpu",
+              "--knn", "--model", "b"]
+    eval_linear.main(["--checkpoint", trained["ckpt"], *common])
+    out = capsys.readouterr().out
+    r = last_json(out)
+    assert set(r["baseline"]["knn"]) == set(r["knn"]) and r["baseline"]["seed"] == 0
+    assert r["chance"]["top1"] == 33.333 and r["chance"]["top5"] is None  # 3 balanced classes
+    assert "k-NN k=15 (100 asked)" in out and "k-NN k=200" not in out  # the bank holds 15 images
+    assert "backbone_unchanged:" in out
+    exported = str(tmp_path / "b.pth")
+    eval_linear.main(["--checkpoint", trained["ckpt"], "--model", "b", "--export", exported])
+    eval_linear.main(["--backbone", exported, *common])
+    assert last_json(capsys.readouterr().out)["baseline"] == r["baseline"]
+    obj = torch.load(exported, weights_only=True)
+    del obj["meta"]["run_config"]  # as an export written before exports kept it
+    torch.save(obj, exported)
+    eval_linear.main(["--backbone", exported, *common])
+    out = capsys.readouterr().out
+    assert "does not say how its run began" in out and last_json(out)["baseline"] is None and "at init" not in out
+
+
+def test_chance_is_the_share_of_the_most_frequent_classes():
+    y = torch.tensor([0, 0, 0, 1, 2])
+    assert eval_linear.chance(y, 3) == (60.0, None)
+    y = torch.tensor([0] * 4 + [1] * 3 + [2] * 2 + [3, 4, 5, 6])  # 13 labels, 7 classes
+    assert eval_linear.chance(y, 7) == (round(100 * 4 / 13, 3), round(100 * 11 / 13, 3))
+
+
+def test_an_exported_vit_rebuilds_from_its_metadata_alone(trained, tmp_path):
+    out = str(tmp_path / "vit.pth")
+    eval_linear.main(["--checkpoint", trained["ckpt"], "--model", "b", "--export", out])
+    obj = torch.load(out, weights_only=True)
+    meta = obj["meta"]
+    assert (meta["dim"], meta["heads"], meta["depth"], meta["model"]) == (192, 3, 12, "b")
+    vit = mokd.VisionTransformer(meta["dim"], meta["heads"], meta["patch_size"], meta["image_size"], meta["depth"])
+    vit.load_state_dict(obj["state_dict"], strict=True)
+
+
+def test_small_images_are_told_the_recipe_and_the_batch_that_fit_and_a_refusal_leaves_no_folder(tmp_path, capsys):
+    folder = make_folder(tmp_path / "small", 10, size=32)  # 30 images of 32 px
+    out = tmp_path / "runs" / "mine"
+    err = cli_error(capsys, "--data-path", folder, "--output-dir", str(out), "--device", "cpu", "--num-workers", "0")
+    assert "the images are about 32 px on their short side, far smaller than the 224 px global crops" in err
+    assert "--recipe cifar10 crops 32 px" in err
+    assert "30 images are fewer than one global batch (32 x 1 processes); --batch-size-per-gpu 7 gives" in err
+    assert err.index("far smaller") < err.index("fewer than one global batch")  # said before anything is built
+    assert not os.path.exists(tmp_path / "runs")  # the refused run created no folder
+    err = cli_error(capsys, "--data-path", str(tmp_path / "missing"), "--output-dir", str(out))
+    assert "--data-path" in err and not os.path.exists(tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        eval_linear.main(["--checkpoint", str(tmp_path / "none.pth"), "--knn", "--output-dir", str(out)])
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.slow
+def test_a_small_folder_runs_under_the_cifar10_recipe_with_the_batch_named(tmp_path, capfd):
+    folder = make_folder(tmp_path / "small", 10, size=32)
+    out = tmp_path / "run"
+    mokd.main(["--recipe", "cifar10", "--data-path", folder, "--batch-size-per-gpu", "7", "--max-steps", "1",
+               "--device", "cpu", "--num-workers", "0", "--output-dir", str(out)])
+    err = capfd.readouterr().err
+    assert "far smaller" not in err and os.path.exists(out / "checkpoint.pth")
+    info = json.load(open(out / "config.json"))
+    assert info["device"] == "cpu" and info["machine"] == os.uname().machine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["knn", "full probe"])
+def test_ctrl_c_to_the_whole_process_group_during_an_evaluation_prints_one_line(trained, protocol):
+    """A terminal's Ctrl-C reaches every process of its group: the evaluation and its DataLoader workers."""
+    args = ["--checkpoint", trained["ckpt"], "--num-workers", "2", "--device", "cpu", "--batch-size-per-gpu", "4"]
+    args += ["--knn"] if protocol == "knn" else ["--train-path", trained["train"], "--val-path", trained["val"],
+                                                  "--epochs", "100000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "eval_linear.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)  # its own process group, as a terminal gives a command
+    for line in proc.stdout:  # the workers are running
+        if line.startswith("features of" if protocol == "knn" else "linear probe epoch"):
+            break
+    os.killpg(proc.pid, subprocess.signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.count("evaluation interrupted") == 1 and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_the_interrupt_handler_is_silent_in_a_forked_worker():
+    code = ("import os, signal, eval_linear; eval_linear.interrupt(os.getpid() + 1, signal.SIGINT, None); "
+            "print('still running')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "still running" in r.stdout and "interrupted" not in r.stderr, r.stderr[-2000:]
+
+
+def test_help_opens_with_the_recipe_shown_and_the_cost_of_each_evaluation(capsys):
+    top = help_text(capsys).split("options:")[0]  # what a user reads before the flags
+    assert "usage: mokd.py [flags]" in top and "Defaults below: recipe 'demo'" in top and "not real data" in top
+    assert "`--recipe NAME --help` shows NAME's" in top
+    top = " ".join(eval_linear.build_parser().format_help().split()).split("options:")[0]
+    assert "--knn passes the training and validation images through the frozen backbone once" in top
+    assert "DINO's full linear probe passes the augmented training images" in top and "--epochs (100)" in top
