@@ -150,6 +150,7 @@ FINGERPRINT_SETUP = dict(out_dim=256, global_px=224, patch=16)
 # that amplifies rounding (AdamW divides each gradient element by |g| + eps: their float32 updates are off by up to
 # 100 %) amplifies float64 rounding by as much. Rounding differences elsewhere are around 1e-15.
 TOL_F64, NOISE_FACTOR, TOL_CAP = 1e-9, 100.0, 1e-6
+SPILL_NUMEL = 1_000_000  # reference rows above this many numbers go to disk in runs of several steps
 PARTS = (("backbone.", "backbone"), ("head.", "MLP head"), ("thead.", "T-head"))
 SPLIT_BY_PART = ("gradients before clipping", "gradients after clipping", "update", "teacher after EMA")
 
@@ -471,20 +472,35 @@ def compare(ours, theirs):
     return max(d[0] for d in diffs), max(d[1] for d in diffs)
 
 
+class Spilled(dict):
+    """A reference row kept on disk (spill_dir): its names map to None; `path` holds the tensors."""
+
+
 class Record:
     """What one run observed, per (step, row key). The reference run (the authors' float64 run) keeps float64
-    copies; a run given a reference compares each value on arrival and keeps only (max abs diff, max rel diff)."""
+    copies; a run given a reference compares each value on arrival and keeps only (max abs diff, max rel diff).
+    spill_dir: the reference writes rows of more than SPILL_NUMEL numbers there (runs of several steps would
+    otherwise hold gigabytes) and reads them back to compare."""
 
-    def __init__(self, reference=None):
-        self.reference = reference
+    def __init__(self, reference=None, spill_dir=None):
+        self.reference, self.spill_dir = reference, spill_dir
         self.values = {}  # (step, key) -> value, or its comparison with the reference
 
     def put(self, step, key, value):
         value = snap(value)
         if self.reference is None:
+            if self.spill_dir and isinstance(value, dict) and sum(
+                    v.numel() for v in value.values() if v is not None) > SPILL_NUMEL:
+                spilled = Spilled.fromkeys(value)
+                spilled.path = os.path.join(self.spill_dir, f"{len(self.values)}.pt")
+                torch.save(value, spilled.path)
+                value = spilled
             self.values[(step, key)] = value
         else:
-            self.values[(step, key)] = compare(value, self.reference.values.get((step, key)))
+            ref = self.reference.values.get((step, key))
+            if isinstance(ref, Spilled):
+                ref = torch.load(ref.path, weights_only=True)
+            self.values[(step, key)] = compare(value, ref)
 
     def result(self, step, key):
         """The comparison stored for a row, (inf, inf) when this run never produced it."""
@@ -1202,7 +1218,8 @@ def step_parity(args, mokd=None, A=None):
           f"{n_iter} step(s)")
 
     tape, times = DropPathTape(), {}
-    reference = Record()
+    spill = tempfile.TemporaryDirectory(prefix="authors_parity_rows_") if n_iter > 2 else None
+    reference = Record(spill_dir=spill.name if spill else None)
     t = time.perf_counter()
     theirs64 = AuthorsRun(A, their_args, batches, args.epoch, reference, tape, pairs, shapes, check_names=True,
                           per_epoch=args.steps)
@@ -1254,6 +1271,8 @@ def step_parity(args, mokd=None, A=None):
                   "before each forward, ours once a step and not the teacher's. Only rank 0's are saved, and there "
                   "both agree; with SyncBatchNorm (CUDA) every rank holds the same statistics.")
     times["total"] = time.perf_counter() - t_start
+    if spill:
+        spill.cleanup()
     print("\nwall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(("verdict: every quantity equal" + (" (or an expected difference, above)" if rank > 0 else ""))
           if all_equal else "verdict: SOME QUANTITIES DIFFER (rows marked DIFFERS)")
