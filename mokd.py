@@ -716,8 +716,9 @@ def open_images(path, flag, split, root, transform=None):
     try:
         return getattr(torchvision.datasets, cls_name)(root, transform=transform, download=first, **kwargs)
     except Exception as e:  # no network, a full disk, a corrupt archive, files missing
-        raise MOKDError(f"{flag} {path}: {type(e).__name__}: {e}. The files belong in {os.path.join(root, folder)!r}: "
-                        f"without network here, download them elsewhere (torchvision.datasets.{cls_name}('data', "
+        why = str(e).split(" You can use download=True")[0].rstrip(".")  # torchvision's advice: we did download
+        raise MOKDError(f"{flag} {path}: {type(e).__name__}: {why}. The files belong in "
+                        f"{os.path.join(root, folder)!r}: without network here, download them elsewhere (torchvision.datasets.{cls_name}('data', "
                         f"download=True)) and copy data/{folder} there, or set --data-root") from None
     finally:
         if is_dist() and first:
@@ -903,9 +904,10 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MOKDError(f"checkpoint {path!r} does not exist") from None
-    except Exception as e:
-        raise MOKDError(f"checkpoint {path!r} is unreadable (truncated or not a mokd checkpoint): "
-                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+    except Exception as e:  # torch's advice for a refused pickle (weights_only=False) does not apply to ours
+        detail = "" if type(e).__name__ == "UnpicklingError" else f": {(str(e).splitlines() or [''])[0]}"
+        raise MOKDError(f"checkpoint {path!r} is unreadable (truncated, altered, or not a mokd checkpoint): "
+                        f"{type(e).__name__}{detail}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "models" not in ckpt:
         raise MOKDError(f"checkpoint {path!r} is not a mokd.py checkpoint (no 'config' / 'models' entries)")
     return ckpt
