@@ -718,8 +718,9 @@ def open_images(path, flag, split, root, transform=None):
     except Exception as e:  # no network, a full disk, a corrupt archive, files missing
         why = str(e).split(" You can use download=True")[0].rstrip(".")  # torchvision's advice: we did download
         raise MOKDError(f"{flag} {path}: {type(e).__name__}: {why}. The files belong in "
-                        f"{os.path.join(root, folder)!r}: without network here, download them elsewhere (torchvision.datasets.{cls_name}('data', "
-                        f"download=True)) and copy data/{folder} there, or set --data-root") from None
+                        f"{os.path.join(root, folder)!r}: without network here, download them elsewhere "
+                        f"(torchvision.datasets.{cls_name}('data', download=True)) and copy data/{folder} there, or "
+                        f"set --data-root") from None
     finally:
         if is_dist() and first:
             dist.barrier()  # reached after a failure too: no process waits for one that gave up
