@@ -661,14 +661,17 @@ def collate_readable(items):
 
 def image_folder(root, flag, transform=None, loader=read_rgb):
     """<root>/<class>/<image> as torchvision's ImageFolder (GIF included), yielding (PIL image, label). Its errors,
-    split folders taken for classes, stray images, files not read by kind (macOS's AppleDouble "._name.jpg" files hold
-    metadata) and files reached twice (symbolic links: read once) name `flag`."""
-    skipped = {}
+    split folders taken for classes, stray images, and the files not read, by kind (macOS's AppleDouble "._name.jpg"
+    files hold metadata; a file reached twice through symbolic links is read once), name `flag`."""
+    skipped, seen = {}, set()
 
     def image_file(path):
-        name = os.path.basename(path)
-        kind = ("macOS metadata files (._*)" if name.startswith("._") else None if name.lower().endswith(
-            IMAGE_EXTENSIONS) else f"'{os.path.splitext(name)[1].lower() or name}' files")
+        name, real = os.path.basename(path), os.path.realpath(path)
+        kind = ("macOS metadata files (._*: not images)" if name.startswith("._") else
+                f"'{os.path.splitext(name)[1].lower() or name}' files (not images)" if not name.lower().endswith(
+                    IMAGE_EXTENSIONS) else "second paths to one image (symbolic links: read once)" if real in seen
+                else None)
+        seen.add(real)
         skipped[kind] = skipped.get(kind, 0) + 1
         return kind is None
     try:
@@ -681,20 +684,12 @@ def image_folder(root, flag, transform=None, loader=read_rgb):
                         f"be read as classes: point {flag} at one split, e.g. {os.path.join(root, splits[0])}")
     skipped.pop(None)
     if skipped:
-        print(f"warning: {flag} {root!r}: not read, as not images: {', '.join(f'{n} {k}' for k, n in skipped.items())}"
-              f" (images: {' '.join(IMAGE_EXTENSIONS)})", file=sys.stderr, flush=True)
+        print(f"warning: {flag} {root!r}: not read: {', '.join(f'{n} {k}' for k, n in skipped.items())} (images: "
+              f"{' '.join(IMAGE_EXTENSIONS)})", file=sys.stderr, flush=True)
     stray = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if stray:
         print(f"warning: {len(stray)} images directly in {flag} {root!r} are not read (only <root>/<class>/<image> "
               f"is), e.g. {stray[0]}", file=sys.stderr, flush=True)
-    first = {}  # real path -> its first (path, label): a file reached twice through symbolic links is read once
-    for path, y in ds.samples:
-        first.setdefault(os.path.realpath(path), (path, y))
-    if len(first) < len(ds.samples):
-        print(f"warning: {len(ds.samples) - len(first)} images are reached by more than one path under {flag} "
-              f"{root!r} (symbolic links); each is read once", file=sys.stderr, flush=True)
-        ds.samples = list(first.values())
-        ds.targets = [y for _, y in ds.samples]
     return ds
 
 DATASETS = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),

@@ -1220,7 +1220,7 @@ def test_data_the_loader_skips_or_repeats_is_reported(tmp_path, capfd):
     ds = mokd.image_folder(root, "--data-path")
     assert len(ds) == 10 and any(p.endswith("animated.gif") for p, _ in ds.samples)
     err = capfd.readouterr().err
-    assert "3 images are reached by more than one path" in err
+    assert "3 second paths to one image (symbolic links: read once)" in err
     assert "1 images directly in" in err and "stray.png" in err
 
 
@@ -2006,7 +2006,7 @@ def test_appledouble_jfif_and_decompression_bombs_are_read_alike_in_training_and
     names = sorted(os.path.basename(p) for p, _ in ds.samples)
     assert len(ds) == 15 and "photo.jfif" in names and "photo.jpe" in names and not any(n[:2] == "._" for n in names)
     err = capfd.readouterr().err
-    assert "not read, as not images: 50 macOS metadata files (._*), 1 '.txt' files" in err, err
+    assert "not read: 50 macOS metadata files (._*: not images), 1 '.txt' files (not images)" in err, err
     aug = mokd.MultiCropDataset(ds, lambda img: [T.PILToTensor()(img.resize((8, 8)))], 0)
     huge = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("huge.png")][0]
     assert aug[(0, huge)] is None  # left out of its batch, never replaced by the next image
