@@ -1116,6 +1116,7 @@ def train(cfg, rank, world, device, stop):
     saved = load_checkpoint(resume) if resume else None  # a bad file is never overwritten by a fresh start
     if saved:
         check_resume_config(saved["config"], cfg, resume, rank)
+    log_mode = claim_output_dir(cfg, resume, saved, rank)
     ds, sampler, loader = make_loader(cfg, rank, world, device)
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     run = Run(cfg, device, world)
@@ -1137,7 +1138,6 @@ def train(cfg, rank, world, device, stop):
                  if not math.isclose(v, old[k], rel_tol=1e-6)]
         if jumps:
             say(rank, f"warning: at step {step} the new settings change the schedules: {', '.join(jumps)}")
-    log_mode = claim_output_dir(cfg, resume, saved, rank)
     del saved
     if step >= end:
         done = f"a finished run ({cfg['epochs']} epochs, {step} steps)" if step >= all_steps else f"at step {step}"
