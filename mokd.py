@@ -968,7 +968,7 @@ class StopRequest:
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        if not self.requested:
+        if not self.requested and os.environ.get("RANK", "0") == "0":  # one line, not one per process
             print(f"{signal.Signals(signum).name} received: the run finishes its current step, saves it to {self.path} "
                   f"and stops (Ctrl-C again: stop at once, without saving)", file=sys.stderr, flush=True)
         self.requested = True
