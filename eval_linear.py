@@ -505,6 +505,12 @@ def evaluate(args):
         val.samples = [(path, index[val.classes[y]]) for path, y in val.samples]
         val.classes = train_eval.classes
     C = len(train_eval.classes)
+    both = {os.path.realpath(p) for p, _ in getattr(val, "samples", [])} & {
+        os.path.realpath(p) for p, _ in getattr(train_eval, "samples", [])}
+    if both and rank == 0:  # said before any number
+        print(f"warning: {len(both)} of the {len(val)} validation images are training images too (e.g. "
+              f"{min(both)}): k-NN finds each one itself, the probe has trained on it: the accuracy overstates",
+              file=sys.stderr, flush=True)
     mode = "+".join(n for n, on in (("knn", args.knn), ("linear_cached", args.cached_features)) if on) or "linear"
     result = {"mode": mode,
               "model": args.model if args.checkpoint else None, "which": args.which if args.checkpoint else None,

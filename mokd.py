@@ -658,14 +658,17 @@ def collate_readable(items):
 
 def image_folder(root, flag, transform=None, loader=read_rgb):
     """<root>/<class>/<image> as torchvision's ImageFolder (GIF included), yielding (PIL image, label). Its errors,
-    split folders taken for classes, stray images, files not read by kind (macOS's AppleDouble "._name.jpg" files hold
-    metadata) and files reached twice (symbolic links: read once) name `flag`."""
-    skipped = {}
+    split folders taken for classes, stray images, and the files not read, by kind (macOS's AppleDouble "._name.jpg"
+    files hold metadata; a file reached twice through symbolic links is read once), name `flag`."""
+    skipped, seen = {}, set()
 
     def image_file(path):
-        name = os.path.basename(path)
-        kind = ("macOS metadata files (._*)" if name.startswith("._") else None if name.lower().endswith(
-            IMAGE_EXTENSIONS) else f"'{os.path.splitext(name)[1].lower() or name}' files")
+        name, real = os.path.basename(path), os.path.realpath(path)
+        kind = ("macOS metadata files (._*: not images)" if name.startswith("._") else
+                f"'{os.path.splitext(name)[1].lower() or name}' files (not images)" if not name.lower().endswith(
+                    IMAGE_EXTENSIONS) else "second paths to one image (symbolic links: read once)" if real in seen
+                else None)
+        seen.add(real)
         skipped[kind] = skipped.get(kind, 0) + 1
         return kind is None
     try:
@@ -678,20 +681,12 @@ def image_folder(root, flag, transform=None, loader=read_rgb):
                         f"be read as classes: point {flag} at one split, e.g. {os.path.join(root, splits[0])}")
     skipped.pop(None)
     if skipped:
-        print(f"warning: {flag} {root!r}: not read, as not images: {', '.join(f'{n} {k}' for k, n in skipped.items())}"
-              f" (images: {' '.join(IMAGE_EXTENSIONS)})", file=sys.stderr, flush=True)
+        print(f"warning: {flag} {root!r}: not read: {', '.join(f'{n} {k}' for k, n in skipped.items())} (images: "
+              f"{' '.join(IMAGE_EXTENSIONS)})", file=sys.stderr, flush=True)
     stray = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if stray:
         print(f"warning: {len(stray)} images directly in {flag} {root!r} are not read (only <root>/<class>/<image> "
               f"is), e.g. {stray[0]}", file=sys.stderr, flush=True)
-    first = {}  # real path -> its first (path, label): a file reached twice through symbolic links is read once
-    for path, y in ds.samples:
-        first.setdefault(os.path.realpath(path), (path, y))
-    if len(first) < len(ds.samples):
-        print(f"warning: {len(ds.samples) - len(first)} images are reached by more than one path under {flag} "
-              f"{root!r} (symbolic links); each is read once", file=sys.stderr, flush=True)
-        ds.samples = list(first.values())
-        ds.targets = [y for _, y in ds.samples]
     return ds
 
 DATASETS = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),
@@ -713,9 +708,11 @@ def open_images(path, flag, split, root, transform=None):
     try:
         return getattr(torchvision.datasets, cls_name)(root, transform=transform, download=first, **kwargs)
     except Exception as e:  # no network, a full disk, a corrupt archive, files missing
-        raise MOKDError(f"{flag} {path}: {type(e).__name__}: {e}. The files belong in {os.path.join(root, folder)!r}: "
-                        f"without network here, download them elsewhere (torchvision.datasets.{cls_name}('data', "
-                        f"download=True)) and copy data/{folder} there, or set --data-root") from None
+        why = str(e).split(" You can use download=True")[0].rstrip(".")  # torchvision's advice: we did download
+        raise MOKDError(f"{flag} {path}: {type(e).__name__}: {why}. The files belong in "
+                        f"{os.path.join(root, folder)!r}: without network here, download them elsewhere "
+                        f"(torchvision.datasets.{cls_name}('data', download=True)) and copy data/{folder} there, or "
+                        f"set --data-root") from None
     finally:
         if is_dist() and first:
             dist.barrier()  # reached after a failure too: no process waits for one that gave up
@@ -908,9 +905,10 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MOKDError(f"checkpoint {path!r} does not exist") from None
-    except Exception as e:
-        raise MOKDError(f"checkpoint {path!r} is unreadable (truncated or not a mokd checkpoint): "
-                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+    except Exception as e:  # torch's advice for a refused pickle (weights_only=False) does not apply to ours
+        detail = "" if type(e).__name__ == "UnpicklingError" else f": {(str(e).splitlines() or [''])[0]}"
+        raise MOKDError(f"checkpoint {path!r} is unreadable (truncated, altered, or not a mokd checkpoint): "
+                        f"{type(e).__name__}{detail}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "models" not in ckpt:
         raise MOKDError(f"checkpoint {path!r} is not a mokd.py checkpoint (no 'config' / 'models' entries)")
     return ckpt
@@ -975,7 +973,7 @@ class StopRequest:
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        if not self.requested:
+        if not self.requested and os.environ.get("RANK", "0") == "0":  # one line, not one per process
             print(f"{signal.Signals(signum).name} received: the run finishes its current step, saves it to {self.path} "
                   f"and stops (Ctrl-C again: stop at once, without saving)", file=sys.stderr, flush=True)
         self.requested = True
@@ -1123,6 +1121,7 @@ def train(cfg, rank, world, device, stop):
     saved = load_checkpoint(resume) if resume else None  # a bad file is never overwritten by a fresh start
     if saved:
         check_resume_config(saved["config"], cfg, resume, rank)
+    log_mode = claim_output_dir(cfg, resume, saved, rank)
     ds, sampler, loader = make_loader(cfg, rank, world, device)
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     run = Run(cfg, device, world)
@@ -1144,7 +1143,6 @@ def train(cfg, rank, world, device, stop):
                  if not math.isclose(v, old[k], rel_tol=1e-6)]
         if jumps:
             say(rank, f"warning: at step {step} the new settings change the schedules: {', '.join(jumps)}")
-    log_mode = claim_output_dir(cfg, resume, saved, rank)
     del saved
     if step >= end:
         done = f"a finished run ({cfg['epochs']} epochs, {step} steps)" if step >= all_steps else f"at step {step}"

@@ -1498,7 +1498,7 @@ def test_data_the_loader_skips_or_repeats_is_reported(tmp_path, capfd):
     ds = mokd.image_folder(root, "--data-path")
     assert len(ds) == 10 and any(p.endswith("animated.gif") for p, _ in ds.samples)
     err = capfd.readouterr().err
-    assert "3 images are reached by more than one path" in err
+    assert "3 second paths to one image (symbolic links: read once)" in err
     assert "1 images directly in" in err and "stray.png" in err
 
 
@@ -2228,6 +2228,7 @@ def test_blur_draws_from_torch_have_dinos_distribution(monkeypatch):
 
 
 # ==== Issue 28: work that survives a cluster's stop, numbers that do not depend on the launch ====
+import argparse  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
 
@@ -2390,7 +2391,8 @@ def test_the_collapse_verdict_reads_healthy_uniform_and_few_prototypes_at_realis
 def test_the_evaluation_command_fits_the_run():
     """Issue 31.4: one command, with the run's own data where it has some."""
     cmd = mokd.eval_command({"data_path": None, "data_root": "data"}, "out/checkpoint.pth")
-    assert cmd.startswith("evaluate: python eval_linear.py --checkpoint out/checkpoint.pth --knn ") and "path" not in cmd
+    assert cmd.startswith("evaluate: python eval_linear.py --checkpoint out/checkpoint.pth --knn ")
+    assert "path" not in cmd
     cmd = mokd.eval_command({"data_path": "cifar10", "data_root": "my data"}, "o/checkpoint.pth")
     assert "--train-path cifar10 --val-path cifar10 --data-root 'my data'" in cmd
     cmd = mokd.eval_command({"data_path": "/img/train", "data_root": "data"}, "o/checkpoint.pth")
@@ -2453,7 +2455,7 @@ def test_appledouble_jfif_and_decompression_bombs_are_read_alike_in_training_and
     names = sorted(os.path.basename(p) for p, _ in ds.samples)
     assert len(ds) == 15 and "photo.jfif" in names and "photo.jpe" in names and not any(n[:2] == "._" for n in names)
     err = capfd.readouterr().err
-    assert "not read, as not images: 50 macOS metadata files (._*), 1 '.txt' files" in err, err
+    assert "not read: 50 macOS metadata files (._*: not images), 1 '.txt' files (not images)" in err, err
     aug = mokd.MultiCropDataset(ds, lambda img: [T.PILToTensor()(img.resize((8, 8)))], 0)
     huge = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("huge.png")][0]
     assert aug[(0, huge)] is None  # left out of its batch, never replaced by the next image
@@ -2470,6 +2472,19 @@ def test_appledouble_jfif_and_decompression_bombs_are_read_alike_in_training_and
     out = capfd.readouterr()
     assert "1 of the 15 training images are unreadable and left out" in out.out and "huge.png" in out.err
     assert res["train_size"] == 15 and 0 <= res["knn"]["3"]["top1"] <= 100
+
+
+def test_our_own_words_where_a_librarys_advice_is_wrong_here(trained, tmp_path, capsys):
+    """Issue 28.8: torch.load advises weights_only=False for a refused pickle; a validation set that is the training
+    set gives a number that means little, said before it is printed."""
+    torch.save({"config": {}, "models": {}, "x": argparse.Namespace()}, tmp_path / "foreign.pth")
+    err = cli_error(capsys, *TINY, "--resume", str(tmp_path / "foreign.pth"), "--output-dir", str(tmp_path / "o"))
+    assert "is unreadable (truncated, altered, or not a mokd checkpoint): UnpicklingError" in err
+    assert "weights_only" not in err
+    eval_linear.main(["--checkpoint", trained["ckpt"], "--knn", "--nb-knn", "3", "--train-path", trained["train"],
+                      "--val-path", trained["train"], "--num-workers", "0", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert "15 of the 15 validation images are training images too" in err and "overstates" in err
 
 
 # ==== Issue 31: what a new user meets (baselines, small images, Ctrl-C, help, output folders) ====
