@@ -376,7 +376,8 @@ def train_linear_full(feat, train_ds, val_feats, args, lr, device, rank, world, 
         sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size_per_gpu, sampler=sampler,
                                          shuffle=sampler is None, num_workers=args.num_workers, drop_last=False,
-                                         collate_fn=collate_marked, worker_init_fn=mokd.quiet_worker,  # Ctrl-C: here only
+                                         collate_fn=collate_marked,
+                                         worker_init_fn=mokd.quiet_worker,  # Ctrl-C reaches this process only
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader), eta_min=0)
     val_f, val_y = val_feats[0].to(device), val_feats[1].to(device)
