@@ -2621,3 +2621,21 @@ def test_help_opens_with_the_recipe_shown_and_the_cost_of_each_evaluation(capsys
     top = " ".join(eval_linear.build_parser().format_help().split()).split("options:")[0]
     assert "--knn passes the training and validation images through the frozen backbone once" in top
     assert "DINO's full linear probe passes the augmented training images" in top and "--epochs (100)" in top
+
+
+def test_reference_rows_spilled_to_disk_compare_as_kept_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(ap, "SPILL_NUMEL", 10)
+    big = {"w": torch.arange(20.0).reshape(4, 5), "b": torch.ones(3)}
+    kept, spilled = ap.Record(), ap.Record(spill_dir=str(tmp_path))
+    for ref in (kept, spilled):
+        ref.put(0, "row", big)
+        ref.put(0, "small", {"x": torch.ones(2)})
+    assert isinstance(spilled.values[(0, "row")], ap.Spilled) and set(spilled.values[(0, "row")]) == {"w", "b"}
+    assert not isinstance(spilled.values[(0, "small")], ap.Spilled) and len(list(tmp_path.iterdir())) == 1
+    changed = {"w": big["w"] + 1, "b": big["b"]}
+    results = []
+    for ref in (kept, spilled):
+        run = ap.Record(ref)
+        run.put(0, "row", changed)
+        results.append(run.result(0, "row"))
+    assert results[0] == results[1] and results[0]["w"][0] == 1.0 and results[0]["b"] == (0.0, 0.0)

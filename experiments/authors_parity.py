@@ -1472,6 +1472,11 @@ class ScheduleRun(AuthorsRun):
             raise LoopEnded
         return train_one_epoch
 
+    def run(self, dtype, record_masks=False):
+        """Their train(args) up to the probes; a failure (a run their code cannot build) propagates unprinted."""
+        self.dtype = dtype
+        self.run_patched(self.A, self.A.vits.drop_path)
+
     def group_values(self, m):
         params = self.their_params(m, self.opts[m])
         return ({k: g["lr"] for k, _, _, g in params}, {k: g["weight_decay"] for k, _, _, g in params})
@@ -1629,7 +1634,8 @@ def ddp_part(args, mokd, A):
 
 def ddp_worker(args):
     """One torchrun process of ddp_part: the step with DDP-wrapped students on both sides; output to OUT.<rank>."""
-    dist.init_process_group("gloo")
+    import datetime
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))  # a failed rank cannot hang the other
     rank = dist.get_rank()
     with open(f"{args.ddp_worker}.{rank}", "w") as f, contextlib.redirect_stdout(f):
         try:
