@@ -387,8 +387,8 @@ def collapse_verdict(e, b, K, N):
     """A teacher's state by the rule of README, "Outputs", from its collapse signals: e, the mean entropy of its
     outputs, and b, the entropy of their mean over a global batch of N outputs of K."""
     top = min(math.log(K), math.log(N))  # b of N confident outputs on N distinct prototypes (of K)
-    state = ("uniform (each output spreads over most prototypes)" if e > 0.8 * math.log(K) else
-             f"collapsed onto few prototypes (the batch uses about {math.exp(b):.0f})" if b < 0.5 * top else
+    state = (f"collapsed onto few prototypes (the batch uses about {math.exp(b):.0f})" if b < 0.5 * top else
+             f"uniform (outputs alike, each spread over about {math.exp(e):.0f} prototypes)" if e > 0.8 * b else
              "healthy (confident and diverse)")
     return (f"{state}: entropy {e:.2f} (log K {math.log(K):.2f}), of the batch mean {b:.2f} (min(log K, log N) "
             f"{top:.2f})")

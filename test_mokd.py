@@ -2384,8 +2384,11 @@ def test_the_collapse_verdict_reads_healthy_uniform_and_few_prototypes_at_realis
     assert verdict(healthy).startswith("healthy"), verdict(healthy)
     assert verdict(0.001 * noise).startswith("uniform"), verdict(0.001 * noise)
     assert verdict(few).startswith("collapsed onto few prototypes (the batch uses about 3)"), verdict(few)
-    one = verdict(few[:, :1] * 0 + healthy * 0 + torch.nn.functional.one_hot(torch.zeros(N, dtype=torch.long), K))
+    one = verdict(torch.nn.functional.one_hot(torch.zeros(N, dtype=torch.long), K).float())
     assert one.startswith("collapsed onto few prototypes (the batch uses about 1)"), one
+    alike = torch.zeros(N, K)
+    alike[:, :40] = 1.0  # every output the same, spread over 40 prototypes: it does not depend on the image
+    assert verdict(alike).startswith("uniform (outputs alike, each spread over about 40 prototypes)"), verdict(alike)
 
 
 def test_the_evaluation_command_fits_the_run():
