@@ -1,10 +1,12 @@
 """Tests for mokd.py and eval_linear.py: CPU only, tiny models, images made here. Run: python -m pytest -q"""
+import argparse
 import contextlib
 import copy
 import importlib.util
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -2228,9 +2230,6 @@ def test_blur_draws_from_torch_have_dinos_distribution(monkeypatch):
 
 
 # ==== Issue 28: work that survives a cluster's stop, numbers that do not depend on the launch ====
-import argparse  # noqa: E402
-import random  # noqa: E402
-import signal  # noqa: E402
 
 TREE = [*TINY, "--arch-a", "resnet18", "--arch-b", "vit_tiny", "--log-every", "1", "--num-workers", "1"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -2254,16 +2253,6 @@ def process_tree(pid):
     return tree
 
 
-def wait_for_log(out, n, proc, timeout=300):
-    """Wait until log.jsonl holds n records (the run is inside its training loop), or fail if the run ended."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "log.jsonl").exists() and len(open(out / "log.jsonl").readlines()) >= n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the run logged fewer than {n} steps (exit status {proc.poll()})")
-
-
 def launcher(nproc):
     return TORCHRUN + [f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
 
@@ -2276,19 +2265,13 @@ def test_sigterm_to_every_process_of_the_tree_saves_a_step_boundary_and_the_rela
     each: the ranks died with 'DataLoader worker is killed by signal'; 1 process saved a half-applied step)."""
     out = tmp_path / "o"
     args = [os.path.join(HERE, "mokd.py"), *TREE, "--epochs", "50", "--output-dir", str(out)]
-    proc = subprocess.Popen(launcher(nproc) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        wait_for_log(out, random.randint(1, 4), proc)
+    with started(launcher(nproc) + args) as proc:
+        wait_for_records(proc, out / "log.jsonl", random.randint(1, 4))
         tree = process_tree(proc.pid)
         assert len(tree) == 1 + (nproc > 1) * nproc + nproc  # torchrun, its ranks, one worker per rank
         for pid in tree:
             os.kill(pid, signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     assert "stopped by signal" in stdout, stderr[-3000:]
     for part in ("teacher A (resnet18) at step", "teacher B (vit_tiny) at step", "evaluate: python eval_linear.py"):
         assert part in stdout, part  # issue 31.4, 31.5: at every end
@@ -2427,8 +2410,7 @@ def test_the_cached_probe_is_the_same_whatever_number_of_processes_extracted_the
             "--device", "cpu", "--batch-size-per-gpu", "4"]
     outs = []
     for n, pre in ((1, [sys.executable]), (2, TORCHRUN + ["--nproc_per_node=2"])):
-        r = subprocess.run(pre + args + ["--output-dir", str(tmp_path / str(n))], capture_output=True, text=True,
-                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        r = run_proc(pre + args + ["--output-dir", str(tmp_path / str(n))], timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(torch.load(tmp_path / str(n) / "eval_linear_cached_model_a_teacher_linear.pth"))
     for k in outs[0]:
@@ -2597,14 +2579,13 @@ def test_ctrl_c_to_the_whole_process_group_during_an_evaluation_prints_one_line(
     args = ["--checkpoint", trained["ckpt"], "--num-workers", "2", "--device", "cpu", "--batch-size-per-gpu", "4"]
     args += ["--knn"] if protocol == "knn" else ["--train-path", trained["train"], "--val-path", trained["val"],
                                                   "--epochs", "100000"]
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "eval_linear.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            start_new_session=True)  # its own process group, as a terminal gives a command
-    for line in proc.stdout:  # the workers are running
-        if line.startswith("features of" if protocol == "knn" else "linear probe epoch"):
-            break
-    os.killpg(proc.pid, subprocess.signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    # started: its own process group, as a terminal gives a command
+    with started([sys.executable, os.path.join(HERE, "eval_linear.py"), *args]) as proc:
+        for line in proc.stdout:  # the workers are running
+            if line.startswith("features of" if protocol == "knn" else "linear probe epoch"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.count("evaluation interrupted") == 1 and "Traceback" not in err, err[-2000:]
 
 
@@ -2612,8 +2593,7 @@ def test_ctrl_c_to_the_whole_process_group_during_an_evaluation_prints_one_line(
 def test_the_interrupt_handler_is_silent_in_a_forked_worker():
     code = ("import os, signal, eval_linear; eval_linear.interrupt(os.getpid() + 1, signal.SIGINT, None); "
             "print('still running')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_proc([sys.executable, "-c", code], cwd=HERE, timeout=120)
     assert r.returncode == 0 and "still running" in r.stdout and "interrupted" not in r.stderr, r.stderr[-2000:]
 
 
