@@ -656,7 +656,7 @@ def collate_readable(items):
                         f"corrupt?")
     return torch.utils.data.default_collate(kept)
 
-def image_folder(root, flag, transform=None, loader=read_rgb):
+def image_folder(root, flag, transform=None):
     """<root>/<class>/<image> as torchvision's ImageFolder (GIF included), yielding (PIL image, label). Its errors,
     split folders taken for classes, stray images, and the files not read, by kind (macOS's AppleDouble "._name.jpg"
     files hold metadata; a file reached twice through symbolic links is read once), name `flag`."""
@@ -672,7 +672,7 @@ def image_folder(root, flag, transform=None, loader=read_rgb):
         skipped[kind] = skipped.get(kind, 0) + 1
         return kind is None
     try:
-        ds = ImageFolder(root, loader, transform=transform, is_valid_file=image_file)
+        ds = ImageFolder(root, read_rgb, transform=transform, is_valid_file=image_file)
     except (OSError, RuntimeError) as e:  # FileNotFoundError, NotADirectoryError, ...
         raise MOKDError(f"{flag} {root!r}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
     splits = [c for c in ds.classes if c.lower() in ("train", "training", "val", "valid", "validation", "test")]
@@ -1014,7 +1014,7 @@ class Logger:
         self.steps += len(self.pending)
         self.last = (self.pending[-1][0], dict(zip(VALUE_KEYS, rows[-1])))  # for the collapse verdict at the end
         if self.rank == 0 and log_it:
-            self.write(self.pending[-1][0], dict(zip(VALUE_KEYS, rows[-1])))
+            self.write(*self.last)
         self.pending.clear()
 
     def write(self, step, vals):
@@ -1054,15 +1054,15 @@ def peak_memory_mb(device):
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
-def save_checkpoint(run, log, step, niter, path):
+def save_checkpoint(run, log, step, path):
     """Every rank checks its last steps (never save a non-finite state); rank 0 writes checkpoint.pth atomically,
     and checkpointNNNN.pth at the end of every --saveckp-freq-th epoch."""
     log.check(log_it=False)
-    epoch, it = divmod(step, niter)
+    epoch, it = divmod(step, log.niter)
     freq = run.cfg["saveckp_freq"]
     if log.rank == 0:
         state = {"config": run.cfg, "epoch": epoch, "step_in_epoch": it, "global_step": step,
-                 "steps_per_epoch": niter, "log_bytes": log.file.tell(), **run.state()}
+                 "steps_per_epoch": log.niter, "log_bytes": log.file.tell(), **run.state()}
         try:
             atomic_save(state, path)
             if freq and it == 0 and epoch % freq == 0:  # DINO's --saveckp_freq
@@ -1072,7 +1072,7 @@ def save_checkpoint(run, log, step, niter, path):
                             f"{e.strerror or e}. Still good: {log.last_ckpt or 'no checkpoint yet'}") from None
     log.last_ckpt, log.saved_at = path, time.time()
 
-def train_epoch(run, loader, log, S, step, end, stop, stop_group):
+def train_epoch(run, loader, log, step, end, stop, stop_group):
     """Steps until the epoch, the run (`end`) or a signal ends; -> (next step, stopped by a signal)."""
     cfg, stats, batches = run.cfg, image_stats(run.device), iter(loader)
     # A dead worker is found when the next batch is fetched, at a step boundary: PyTorch's SIGCHLD handler would
@@ -1092,7 +1092,7 @@ def train_epoch(run, loader, log, S, step, end, stop, stop_group):
                             f"{log.last_ckpt or 'the start'}") from None
         # DEVIATION: per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
         torch.manual_seed(hash((cfg["seed"], log.rank, step)) & 0x7FFFFFFF)
-        log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, S)))
+        log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, log.S)))
         if step % cfg["log_every"] == 0 or step == end - 1:
             log.check(log_it=True)
         step += 1
@@ -1100,7 +1100,7 @@ def train_epoch(run, loader, log, S, step, end, stop, stop_group):
         if stopped:
             return step, True
         if due and step % log.niter and step < end:  # a hard kill loses at most --saveckp-minutes of work
-            save_checkpoint(run, log, step, log.niter, stop.path)
+            save_checkpoint(run, log, step, stop.path)
     return step, False
 
 def eval_command(cfg, ckpt_path):
@@ -1115,8 +1115,7 @@ def eval_command(cfg, ckpt_path):
 
 def train(cfg, rank, world, device, stop):
     """The training loop. `stop` (a StopRequest) is set by SIGTERM / SIGINT: the step completes, every rank saves."""
-    out = cfg["output_dir"]
-    ckpt_path, log_path = os.path.join(out, "checkpoint.pth"), os.path.join(out, "log.jsonl")
+    ckpt_path, log_path = stop.path, os.path.join(cfg["output_dir"], "log.jsonl")
     resume = cfg["resume"] or (ckpt_path if os.path.exists(ckpt_path) else None)
     saved = load_checkpoint(resume) if resume else None  # a bad file is never overwritten by a fresh start
     if saved:
@@ -1151,15 +1150,14 @@ def train(cfg, rank, world, device, stop):
         say(rank, f"resumed from {resume}: continues with step {step} (epoch {step // niter})")
     if rank == 0:
         start_report(cfg, ds, niter, end, world, device, S)
-    # Every rank learns of a signal after each step (on the CPU: no GPU sync), so all stop after the same step.
     stop_group = None if world == 1 else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     log = Logger(cfg, log_path, log_mode, rank, world, S, niter, end, device, last_ckpt=resume)
     stopped = False
     try:
         while step < end and not stopped:  # one epoch per iteration
             sampler.epoch, sampler.start = divmod(step, niter)
-            step, stopped = train_epoch(run, loader, log, S, step, end, stop, stop_group)
-            save_checkpoint(run, log, step, niter, ckpt_path)
+            step, stopped = train_epoch(run, loader, log, step, end, stop, stop_group)
+            save_checkpoint(run, log, step, ckpt_path)
     finally:
         if log.file:
             log.file.close()
