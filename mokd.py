@@ -1042,9 +1042,8 @@ def save_views(ds, path, n=4):
     cells, s = [], 1
     for crops in filter(None, (ds[(0, i)] for i in range(min(n, len(ds))))):  # None: an unreadable image
         G, s = crops[0].shape[-1], math.ceil(64 / crops[0].shape[-1])  # epoch 0's [g1, g2, l_1 ..], uint8 (3, H, W)
-        for c in crops:
-            c, pad = c.repeat_interleave(s, -1).repeat_interleave(s, -2), (G - c.shape[-1]) * s  # (3, h s, w s)
-            cells.append(F.pad(c, [pad // 2, (pad + 1) // 2] * 2))  # (3, G s, G s)
+        for c in crops:  # (3, h s, w s) zero-padded to (3, G s, G s)
+            cells.append(T.functional.center_crop(c.repeat_interleave(s, -1).repeat_interleave(s, -2), G * s))
     if cells:
         torchvision.utils.save_image(torch.stack(cells).float() / 255, path, nrow=len(crops), pad_value=1.0)
     return s
