@@ -699,9 +699,8 @@ def open_images(path, flag, split, root, transform=None):
     if path not in DATASETS:
         return image_folder(path, flag, transform)
     cls_name, folder = DATASETS[path]
-    kwargs = {"train": split != "test"}
-    if path == "stl10":
-        kwargs = {"split": "train+unlabeled" if split == "ssl" else split}
+    stl10_split = "train+unlabeled" if split == "ssl" else split
+    kwargs = {"split": stl10_split} if path == "stl10" else {"train": split != "test"}
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0  # the first process of each machine downloads
     if is_dist() and not first:
         dist.barrier()  # the others wait for it, then read the files
@@ -938,19 +937,18 @@ def check_resume_config(saved, cfg, path, rank):
         say(rank, f"warning: resuming {path} with settings that differ from its own (the new values apply from "
                   f"here on): {'; '.join(changed)}")
 
-def claim_output_dir(cfg, resume, saved, rank):
+def claim_output_dir(cfg, ckpt_path, log_path, resume, saved, rank):
     """-> how log.jsonl opens. A launch never destroys newer work: --resume FILE (another file than OUTPUT_DIR/
     checkpoint.pth) into a folder holding a checkpoint.pth or log.jsonl is refused unless --overwrite, which starts
     both anew. A relaunch cuts log.jsonl back to its checkpoint (steps logged after it run again: each appears once);
     a fresh start writes it anew (a killed run's records are never continued)."""
-    paths = [os.path.join(cfg["output_dir"], f) for f in ("checkpoint.pth", "log.jsonl")]
-    same = os.path.exists(paths[0]) and os.path.samefile(resume, paths[0])
-    held = [p for p in paths if os.path.exists(p)] if saved and not same else []
+    same = os.path.exists(ckpt_path) and os.path.samefile(resume, ckpt_path)
+    held = [p for p in (ckpt_path, log_path) if os.path.exists(p)] if saved and not same else []
     if held and not cfg["overwrite"]:
         raise MOKDError(f"{' and '.join(held)} would be overwritten by resuming {resume} (step {saved['global_step']})"
                         f": give another --output-dir, or add --overwrite to replace them")
-    if saved and not held and os.path.exists(paths[1]) and rank == 0:
-        os.truncate(paths[1], min(saved.get("log_bytes", math.inf), os.path.getsize(paths[1])))
+    if saved and not held and os.path.exists(log_path) and rank == 0:
+        os.truncate(log_path, min(saved.get("log_bytes", math.inf), os.path.getsize(log_path)))
     return "a" if saved and not held else "w"
 
 # ==== 9. The training loop: stops cleanly on a signal and on a non-finite loss, resumes exactly. ======================
@@ -1027,8 +1025,7 @@ class Logger:
         for m in "ab":  # cross terms are not computed with lambda 0
             if self.cfg[f"lam_{m}"] == 0:
                 rec[f"{m}.L_cm"] = rec[f"{m}.L_ct"] = None
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        print(json.dumps(rec), file=self.file, flush=True)
         terms = " | ".join(f"{m.upper()}: " + " ".join(f"{k} {vals[f'{m}.{k}']:.3f}" for k in LOSS_NAMES)
                            for m in "ab")
         eta = datetime.timedelta(seconds=int((now - self.t) / max(self.steps, 1) * (self.total - step - 1)))
@@ -1119,7 +1116,7 @@ def train(cfg, rank, world, device, stop):
     saved = load_checkpoint(resume) if resume else None  # a bad file is never overwritten by a fresh start
     if saved:
         check_resume_config(saved["config"], cfg, resume, rank)
-    log_mode = claim_output_dir(cfg, resume, saved, rank)
+    log_mode = claim_output_dir(cfg, ckpt_path, log_path, resume, saved, rank)
     ds, sampler, loader = make_loader(cfg, rank, world, device)
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     run = Run(cfg, device, world)
@@ -1171,7 +1168,6 @@ def train(cfg, rank, world, device, stop):
         print(eval_command(cfg, ckpt_path), flush=True)
         if step >= all_steps and not cfg["data_path"]:
             demo_report(cfg, log_path, ckpt_path)
-    return run
 
 def start_report(cfg, ds, niter, end, world, device, S):
     """At the start, on rank 0: config.json (the config, versions, hardware, command line), views.png (save_views),
