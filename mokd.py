@@ -652,8 +652,7 @@ def collate_readable(items):
     """default_collate of a batch without its unreadable images (None): the batch is smaller by them."""
     kept = [x for x in items if x is not None]
     if not kept:
-        raise MOKDError(f"all {len(items)} images of a batch are unreadable (each is named above): is the data "
-                        f"corrupt?")
+        raise MOKDError(f"all {len(items)} images of a batch are unreadable (each named above): is the data corrupt?")
     return torch.utils.data.default_collate(kept)
 
 def image_folder(root, flag, transform=None):
@@ -799,8 +798,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def quiet_worker(_):
     """DataLoader workers leave the process group that torchrun signals and ignore SIGINT and SIGTERM (a scheduler
-    signals every process): a stop never kills them before their rank has saved. They still end with the DataLoader,
-    or when their rank dies."""
+    signals every process): no stop kills them before their rank has saved; they end with their DataLoader or rank."""
     os.setpgrp()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
@@ -920,10 +918,9 @@ def load_strict(module, state, what):
         raise MOKDError(f"{what}: state dict does not match the model: {' '.join(str(e).split())[:1000]}") from None
 
 # Settings a resume cannot change: the models' shapes and the optimisers' state.
-FIXED_KEYS = ("arch_a", "arch_b", "patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads",
-              "head_hidden_dim", "bottleneck_dim", "global_crop_size", "local_crop_size", "local_crops_number",
-              "global_crops_scale", "local_crops_scale", "stem", "optimizer_a", "optimizer_b", "norm_last_layer_a",
-              "norm_last_layer_b")
+FIXED_KEYS = ("arch_a", "arch_b", "patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads", "head_hidden_dim",
+              "bottleneck_dim", "global_crop_size", "local_crop_size", "local_crops_number", "global_crops_scale",
+              "local_crops_scale", "stem", "optimizer_a", "optimizer_b", "norm_last_layer_a", "norm_last_layer_b")
 
 def check_resume_config(saved, cfg, path, rank):
     """Refuse a resume that changes FIXED_KEYS; name every other setting that differs (the new value applies)."""
@@ -1170,8 +1167,7 @@ def train(cfg, rank, world, device, stop):
             demo_report(cfg, log_path, ckpt_path)
 
 def start_report(cfg, ds, niter, end, world, device, S):
-    """At the start, on rank 0: config.json (the config, versions, hardware, command line), views.png (save_views),
-    and a few lines on what the run is."""
+    """At the start, on rank 0: config.json (config, versions, hardware, command line), views.png, a run summary."""
     info = {"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "argv": sys.argv,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -1188,8 +1184,7 @@ def start_report(cfg, ds, niter, end, world, device, S):
           f"global batch {cfg['batch_size_per_gpu'] * world}; peak lr {lr}; {cfg['precision']} on {world} x "
           f"{device.type}{' (DDP)' if is_dist() else ''}; output: {cfg['output_dir']}\nviews.png: per image g1, g2 "
           f"({cfg['global_crop_size']} px), {cfg['local_crops_number']} local crops ({cfg['local_crop_size']} px), "
-          f"drawn x{scale}", *lr_floor_warnings(cfg, world),
-          sep="\n", flush=True)
+          f"drawn x{scale}", *lr_floor_warnings(cfg, world), sep="\n", flush=True)
 
 # ==== 10. The demo's report (`python mokd.py`, no --data-path). =======================================================
 def demo_report(cfg, log_path, ckpt_path):
