@@ -618,9 +618,8 @@ def to_rgb(img):
     """Any PIL mode -> 8-bit RGB, scaled by the mode, never by the content: 16-bit modes (I;16*, and I, PIL's mode for
     16-bit data after conversion) by 255 / 65535, float (F) as values in [0, 1]; alpha is dropped."""
     if img.mode.startswith("I") or img.mode == "F":
-        top = 1.0 if img.mode == "F" else 65535.0
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        unit = np.asarray(img, dtype=np.float64) / (1.0 if img.mode == "F" else 65535.0)  # full scale -> 1
+        img = Image.fromarray(np.clip(unit * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
