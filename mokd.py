@@ -618,9 +618,8 @@ def to_rgb(img):
     """Any PIL mode -> 8-bit RGB, scaled by the mode, never by the content: 16-bit modes (I;16*, and I, PIL's mode for
     16-bit data after conversion) by 255 / 65535, float (F) as values in [0, 1]; alpha is dropped."""
     if img.mode.startswith("I") or img.mode == "F":
-        top = 1.0 if img.mode == "F" else 65535.0
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        unit = np.asarray(img, dtype=np.float64) / (1.0 if img.mode == "F" else 65535.0)  # full scale -> 1
+        img = Image.fromarray(np.clip(unit * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -652,11 +651,10 @@ def collate_readable(items):
     """default_collate of a batch without its unreadable images (None): the batch is smaller by them."""
     kept = [x for x in items if x is not None]
     if not kept:
-        raise MOKDError(f"all {len(items)} images of a batch are unreadable (each is named above): is the data "
-                        f"corrupt?")
+        raise MOKDError(f"all {len(items)} images of a batch are unreadable (each named above): is the data corrupt?")
     return torch.utils.data.default_collate(kept)
 
-def image_folder(root, flag, transform=None, loader=read_rgb):
+def image_folder(root, flag, transform=None):
     """<root>/<class>/<image> as torchvision's ImageFolder (GIF included), yielding (PIL image, label). Its errors,
     split folders taken for classes, stray images, and the files not read, by kind (macOS's AppleDouble "._name.jpg"
     files hold metadata; a file reached twice through symbolic links is read once), name `flag`."""
@@ -672,7 +670,7 @@ def image_folder(root, flag, transform=None, loader=read_rgb):
         skipped[kind] = skipped.get(kind, 0) + 1
         return kind is None
     try:
-        ds = ImageFolder(root, loader, transform=transform, is_valid_file=image_file)
+        ds = ImageFolder(root, read_rgb, transform=transform, is_valid_file=image_file)
     except (OSError, RuntimeError) as e:  # FileNotFoundError, NotADirectoryError, ...
         raise MOKDError(f"{flag} {root!r}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
     splits = [c for c in ds.classes if c.lower() in ("train", "training", "val", "valid", "validation", "test")]
@@ -699,9 +697,8 @@ def open_images(path, flag, split, root, transform=None):
     if path not in DATASETS:
         return image_folder(path, flag, transform)
     cls_name, folder = DATASETS[path]
-    kwargs = {"train": split != "test"}
-    if path == "stl10":
-        kwargs = {"split": "train+unlabeled" if split == "ssl" else split}
+    stl10_split = "train+unlabeled" if split == "ssl" else split
+    kwargs = {"split": stl10_split} if path == "stl10" else {"train": split != "test"}
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0  # the first process of each machine downloads
     if is_dist() and not first:
         dist.barrier()  # the others wait for it, then read the files
@@ -800,8 +797,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def quiet_worker(_):
     """DataLoader workers leave the process group that torchrun signals and ignore SIGINT and SIGTERM (a scheduler
-    signals every process): a stop never kills them before their rank has saved. They still end with the DataLoader,
-    or when their rank dies."""
+    signals every process): no stop kills them before their rank has saved; they end with their DataLoader or rank."""
     os.setpgrp()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
@@ -921,10 +917,9 @@ def load_strict(module, state, what):
         raise MOKDError(f"{what}: state dict does not match the model: {' '.join(str(e).split())[:1000]}") from None
 
 # Settings a resume cannot change: the models' shapes and the optimisers' state.
-FIXED_KEYS = ("arch_a", "arch_b", "patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads",
-              "head_hidden_dim", "bottleneck_dim", "global_crop_size", "local_crop_size", "local_crops_number",
-              "global_crops_scale", "local_crops_scale", "stem", "optimizer_a", "optimizer_b", "norm_last_layer_a",
-              "norm_last_layer_b")
+FIXED_KEYS = ("arch_a", "arch_b", "patch_size", "out_dim", "thead_dim", "thead_depth", "thead_heads", "head_hidden_dim",
+              "bottleneck_dim", "global_crop_size", "local_crop_size", "local_crops_number", "global_crops_scale",
+              "local_crops_scale", "stem", "optimizer_a", "optimizer_b", "norm_last_layer_a", "norm_last_layer_b")
 
 def check_resume_config(saved, cfg, path, rank):
     """Refuse a resume that changes FIXED_KEYS; name every other setting that differs (the new value applies)."""
@@ -938,19 +933,18 @@ def check_resume_config(saved, cfg, path, rank):
         say(rank, f"warning: resuming {path} with settings that differ from its own (the new values apply from "
                   f"here on): {'; '.join(changed)}")
 
-def claim_output_dir(cfg, resume, saved, rank):
+def claim_output_dir(cfg, ckpt_path, log_path, resume, saved, rank):
     """-> how log.jsonl opens. A launch never destroys newer work: --resume FILE (another file than OUTPUT_DIR/
     checkpoint.pth) into a folder holding a checkpoint.pth or log.jsonl is refused unless --overwrite, which starts
     both anew. A relaunch cuts log.jsonl back to its checkpoint (steps logged after it run again: each appears once);
     a fresh start writes it anew (a killed run's records are never continued)."""
-    paths = [os.path.join(cfg["output_dir"], f) for f in ("checkpoint.pth", "log.jsonl")]
-    same = os.path.exists(paths[0]) and os.path.samefile(resume, paths[0])
-    held = [p for p in paths if os.path.exists(p)] if saved and not same else []
+    same = os.path.exists(ckpt_path) and os.path.samefile(resume, ckpt_path)
+    held = [p for p in (ckpt_path, log_path) if os.path.exists(p)] if saved and not same else []
     if held and not cfg["overwrite"]:
         raise MOKDError(f"{' and '.join(held)} would be overwritten by resuming {resume} (step {saved['global_step']})"
                         f": give another --output-dir, or add --overwrite to replace them")
-    if saved and not held and os.path.exists(paths[1]) and rank == 0:
-        os.truncate(paths[1], min(saved.get("log_bytes", math.inf), os.path.getsize(paths[1])))
+    if saved and not held and os.path.exists(log_path) and rank == 0:
+        os.truncate(log_path, min(saved.get("log_bytes", math.inf), os.path.getsize(log_path)))
     return "a" if saved and not held else "w"
 
 # ==== 9. The training loop: stops cleanly on a signal and on a non-finite loss, resumes exactly. ======================
@@ -1014,7 +1008,7 @@ class Logger:
         self.steps += len(self.pending)
         self.last = (self.pending[-1][0], dict(zip(VALUE_KEYS, rows[-1])))  # for the collapse verdict at the end
         if self.rank == 0 and log_it:
-            self.write(self.pending[-1][0], dict(zip(VALUE_KEYS, rows[-1])))
+            self.write(*self.last)
         self.pending.clear()
 
     def write(self, step, vals):
@@ -1027,8 +1021,7 @@ class Logger:
         for m in "ab":  # cross terms are not computed with lambda 0
             if self.cfg[f"lam_{m}"] == 0:
                 rec[f"{m}.L_cm"] = rec[f"{m}.L_ct"] = None
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        print(json.dumps(rec), file=self.file, flush=True)
         terms = " | ".join(f"{m.upper()}: " + " ".join(f"{k} {vals[f'{m}.{k}']:.3f}" for k in LOSS_NAMES)
                            for m in "ab")
         eta = datetime.timedelta(seconds=int((now - self.t) / max(self.steps, 1) * (self.total - step - 1)))
@@ -1042,9 +1035,8 @@ def save_views(ds, path, n=4):
     cells, s = [], 1
     for crops in filter(None, (ds[(0, i)] for i in range(min(n, len(ds))))):  # None: an unreadable image
         G, s = crops[0].shape[-1], math.ceil(64 / crops[0].shape[-1])  # epoch 0's [g1, g2, l_1 ..], uint8 (3, H, W)
-        for c in crops:
-            c, pad = c.repeat_interleave(s, -1).repeat_interleave(s, -2), (G - c.shape[-1]) * s  # (3, h s, w s)
-            cells.append(F.pad(c, [pad // 2, (pad + 1) // 2] * 2))  # (3, G s, G s)
+        for c in crops:  # (3, h s, w s) zero-padded to (3, G s, G s)
+            cells.append(T.functional.center_crop(c.repeat_interleave(s, -1).repeat_interleave(s, -2), G * s))
     if cells:
         torchvision.utils.save_image(torch.stack(cells).float() / 255, path, nrow=len(crops), pad_value=1.0)
     return s
@@ -1054,15 +1046,15 @@ def peak_memory_mb(device):
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
-def save_checkpoint(run, log, step, niter, path):
+def save_checkpoint(run, log, step, path):
     """Every rank checks its last steps (never save a non-finite state); rank 0 writes checkpoint.pth atomically,
     and checkpointNNNN.pth at the end of every --saveckp-freq-th epoch."""
     log.check(log_it=False)
-    epoch, it = divmod(step, niter)
+    epoch, it = divmod(step, log.niter)
     freq = run.cfg["saveckp_freq"]
     if log.rank == 0:
         state = {"config": run.cfg, "epoch": epoch, "step_in_epoch": it, "global_step": step,
-                 "steps_per_epoch": niter, "log_bytes": log.file.tell(), **run.state()}
+                 "steps_per_epoch": log.niter, "log_bytes": log.file.tell(), **run.state()}
         try:
             atomic_save(state, path)
             if freq and it == 0 and epoch % freq == 0:  # DINO's --saveckp_freq
@@ -1072,7 +1064,7 @@ def save_checkpoint(run, log, step, niter, path):
                             f"{e.strerror or e}. Still good: {log.last_ckpt or 'no checkpoint yet'}") from None
     log.last_ckpt, log.saved_at = path, time.time()
 
-def train_epoch(run, loader, log, S, step, end, stop, stop_group):
+def train_epoch(run, loader, log, step, end, stop, stop_group):
     """Steps until the epoch, the run (`end`) or a signal ends; -> (next step, stopped by a signal)."""
     cfg, stats, batches = run.cfg, image_stats(run.device), iter(loader)
     # A dead worker is found when the next batch is fetched, at a step boundary: PyTorch's SIGCHLD handler would
@@ -1092,7 +1084,7 @@ def train_epoch(run, loader, log, S, step, end, stop, stop_group):
                             f"{log.last_ckpt or 'the start'}") from None
         # DEVIATION: per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
         torch.manual_seed(hash((cfg["seed"], log.rank, step)) & 0x7FFFFFFF)
-        log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, S)))
+        log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, log.S)))
         if step % cfg["log_every"] == 0 or step == end - 1:
             log.check(log_it=True)
         step += 1
@@ -1100,7 +1092,7 @@ def train_epoch(run, loader, log, S, step, end, stop, stop_group):
         if stopped:
             return step, True
         if due and step % log.niter and step < end:  # a hard kill loses at most --saveckp-minutes of work
-            save_checkpoint(run, log, step, log.niter, stop.path)
+            save_checkpoint(run, log, step, stop.path)
     return step, False
 
 def eval_command(cfg, ckpt_path):
@@ -1115,13 +1107,12 @@ def eval_command(cfg, ckpt_path):
 
 def train(cfg, rank, world, device, stop):
     """The training loop. `stop` (a StopRequest) is set by SIGTERM / SIGINT: the step completes, every rank saves."""
-    out = cfg["output_dir"]
-    ckpt_path, log_path = os.path.join(out, "checkpoint.pth"), os.path.join(out, "log.jsonl")
+    ckpt_path, log_path = stop.path, os.path.join(cfg["output_dir"], "log.jsonl")
     resume = cfg["resume"] or (ckpt_path if os.path.exists(ckpt_path) else None)
     saved = load_checkpoint(resume) if resume else None  # a bad file is never overwritten by a fresh start
     if saved:
         check_resume_config(saved["config"], cfg, resume, rank)
-    log_mode = claim_output_dir(cfg, resume, saved, rank)
+    log_mode = claim_output_dir(cfg, ckpt_path, log_path, resume, saved, rank)
     ds, sampler, loader = make_loader(cfg, rank, world, device)
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     run = Run(cfg, device, world)
@@ -1151,15 +1142,14 @@ def train(cfg, rank, world, device, stop):
         say(rank, f"resumed from {resume}: continues with step {step} (epoch {step // niter})")
     if rank == 0:
         start_report(cfg, ds, niter, end, world, device, S)
-    # Every rank learns of a signal after each step (on the CPU: no GPU sync), so all stop after the same step.
     stop_group = None if world == 1 else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     log = Logger(cfg, log_path, log_mode, rank, world, S, niter, end, device, last_ckpt=resume)
     stopped = False
     try:
         while step < end and not stopped:  # one epoch per iteration
             sampler.epoch, sampler.start = divmod(step, niter)
-            step, stopped = train_epoch(run, loader, log, S, step, end, stop, stop_group)
-            save_checkpoint(run, log, step, niter, ckpt_path)
+            step, stopped = train_epoch(run, loader, log, step, end, stop, stop_group)
+            save_checkpoint(run, log, step, ckpt_path)
     finally:
         if log.file:
             log.file.close()
@@ -1174,11 +1164,9 @@ def train(cfg, rank, world, device, stop):
         print(eval_command(cfg, ckpt_path), flush=True)
         if step >= all_steps and not cfg["data_path"]:
             demo_report(cfg, log_path, ckpt_path)
-    return run
 
 def start_report(cfg, ds, niter, end, world, device, S):
-    """At the start, on rank 0: config.json (the config, versions, hardware, command line), views.png (save_views),
-    and a few lines on what the run is."""
+    """At the start, on rank 0: config.json (config, versions, hardware, command line), views.png, a run summary."""
     info = {"config": cfg, "world_size": world, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "argv": sys.argv,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -1195,8 +1183,7 @@ def start_report(cfg, ds, niter, end, world, device, S):
           f"global batch {cfg['batch_size_per_gpu'] * world}; peak lr {lr}; {cfg['precision']} on {world} x "
           f"{device.type}{' (DDP)' if is_dist() else ''}; output: {cfg['output_dir']}\nviews.png: per image g1, g2 "
           f"({cfg['global_crop_size']} px), {cfg['local_crops_number']} local crops ({cfg['local_crop_size']} px), "
-          f"drawn x{scale}", *lr_floor_warnings(cfg, world),
-          sep="\n", flush=True)
+          f"drawn x{scale}", *lr_floor_warnings(cfg, world), sep="\n", flush=True)
 
 # ==== 10. The demo's report (`python mokd.py`, no --data-path). =======================================================
 def demo_report(cfg, log_path, ckpt_path):
