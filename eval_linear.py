@@ -416,6 +416,10 @@ def protocols(feat, spec, train_eval, val, C, args, size, lrs, device, rank, wor
         train_f, train_y = readable_rows(*extract(feat, train_eval, f"the training images{label}", args, device, rank,
                                                   world), "training images", rank)
     if args.knn and rank == 0:
+        too_large = [k for k in args.nb_knn if k > len(train_f)] if not label else []  # said once, not at init
+        for k in too_large:
+            print(f"warning: --nb-knn {k} exceeds the {len(train_f)} readable training images: that k votes with "
+                  f"all {len(train_f)} (reported as k_used)", file=sys.stderr, flush=True)
         cols = spec_columns(spec["knn"], spec["extracted"], spec["width"])  # k-NN + cached probe: one extraction
         if cols is None:
             raise MOKDError("this k-NN feature is not part of the probe's: give --knn and --cached-features in two "
@@ -429,7 +433,8 @@ def protocols(feat, spec, train_eval, val, C, args, size, lrs, device, rank, wor
                         for k, (a, b) in res.items()}
     if args.cached_features and rank == 0:
         lin, *acc = train_linear_cached(train_f, train_y, val_f, val_y, C, args, lr, device)
-        found["linear"] = probe_result(*acc, spec["linear"], base_lr, lr, args, world, "none (cached features)")
+        # one process trains it: its global batch is --batch-size-per-gpu
+        found["linear"] = probe_result(*acc, spec["linear"], base_lr, lr, args, 1, "none (cached features)")
     if not (args.knn or args.cached_features):
         aug = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mokd.IMAGENET_MEAN, mokd.IMAGENET_STD)])
@@ -520,10 +525,6 @@ def evaluate(args):
     base_lr = args.lr if args.lr is not None else (0.01 if arch in mokd.RESNETS else 0.001)
     # The cached probe trains in one process on every feature: its batch, and so its lr, do not depend on the world.
     lr = base_lr * args.batch_size_per_gpu * (1 if args.cached_features else world) / 256
-    for k in args.nb_knn if args.knn and rank == 0 else ():
-        if k > len(train_eval):
-            print(f"warning: --nb-knn {k} exceeds the {len(train_eval)} training images: that k votes with all "
-                  f"{len(train_eval)} (reported as k_used)", file=sys.stderr, flush=True)
     if not (args.knn or args.cached_features):
         mokd.say(rank, f"DINO's full linear probe: {args.epochs} epochs, each a pass of {len(train_eval)} augmented "
                        f"training images through the backbone (--knn or --cached-features: one pass)")
@@ -544,8 +545,6 @@ def evaluate(args):
                        f"step-0 weights); --baseline false skips it")
         found, _, _ = protocols(feature_fn(init, arch, blocks, avgpool), *run, label=" (at initialisation)")
         result["baseline"] = {"seed": cfg["seed"], **{k: v for k, v in found.items() if k in ("knn", "linear")}}
-    if checksum(bb) != before:
-        raise MOKDError("the frozen backbone changed during evaluation (checksum mismatch): this is a bug")
     if checksum(bb) != before:
         raise MOKDError("the frozen backbone changed during evaluation (checksum mismatch): this is a bug")
     result["backbone_unchanged"] = True

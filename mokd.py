@@ -404,7 +404,7 @@ class Centres(nn.Module):
     @torch.no_grad()
     def update(self, teachers, extra=()):
         """c <- 0.9 c + 0.1 mean over the global batch of t; teachers: {name: (2B, K)}. One all-reduce, which also
-        sums the rows `extra` (each (K,)) over the ranks: -> (their means over the global batch, its size)."""
+        sums the rows `extra` (each (K,)) over the ranks: -> their means over the global batch (len(extra), K)."""
         names = list(teachers)
         sums = torch.stack([f32(teachers[k]).sum(0) for k in names] + list(extra))  # (n, K)
         count = len(teachers[names[0]])
@@ -413,7 +413,7 @@ class Centres(nn.Module):
             count *= dist.get_world_size()
         for k, s in zip(names, sums):
             getattr(self, k).mul_(CENTER_MOMENTUM).add_(s / count, alpha=1 - CENTER_MOMENTUM)
-        return sums[len(names):] / count, count
+        return sums[len(names):] / count
 
 def model_losses(x, y, s, t_self, t_other, search_other, centres, tau_self, tau_cross, lam):
     """Model X's four terms and total L_X = L_sm + L_st + lambda_X (L_cm + L_ct) (spec: Losses of model X).
@@ -538,7 +538,7 @@ class Run:
                     p.grad = None
             scaler.step(opt)
             scaler.update()
-        p_mean, _ = self.centres.update(new_teacher_outputs, [p.sum(0) for p in probs])  # after the loss, as DINO
+        p_mean = self.centres.update(new_teacher_outputs, [p.sum(0) for p in probs])  # after the loss, as DINO
         for m in "ab":
             ema_update(*self.params[m], float(S["momentum"][it]))
         values = [terms[m][k].detach() for m in "ab" for k in LOSS_NAMES]
@@ -823,7 +823,7 @@ def make_loader(cfg, rank, world, device):
     else:
         images = SyntheticShapes(cfg["synthetic_size"], cfg["seed"], max(32, cfg["global_crop_size"]))
     ds = MultiCropDataset(images, aug, cfg["seed"])
-    sample = [images[i][0] for i in range(0, len(images), max(1, len(images) // 15))]  # up to 16 images
+    sample = [images[i][0] for i in range(0, len(images), max(1, len(images) // 16))][:16]  # 16 images at most
     sides = sorted(min(img.size) for img in sample if img is not None)  # (unreadable images are None)
     side, G = sides[len(sides) // 2] if sides else math.inf, cfg["global_crop_size"]  # the median short side
     if rank == 0 and 2 * side < G:  # the crops would enlarge the images more than twice
@@ -989,7 +989,7 @@ class Logger:
         self.device, self.last_ckpt = device, last_ckpt
         self.file = open(path, mode) if rank == 0 else None
         self.pending, self.steps, self.t = [], 0, time.time()
-        self.saved_at = self.t
+        self.saved_at, self.last = self.t, None  # last: (step, values) of the last step checked
 
     def check(self, log_it):
         # DEVIATION: DINO checks loss.item() every step (a host sync each step); the steps are checked in batches.
@@ -1077,11 +1077,12 @@ def train_epoch(run, loader, log, step, end, stop, stop_group):
             break
         except MOKDError as e:  # raised in a worker: it carries the worker's traceback text
             raise MOKDError(worker_error_message(e)) from None
-        except RuntimeError as e:  # a worker was killed (SIGKILL, out of memory): the last step is complete
+        except RuntimeError as e:  # a worker was killed (SIGKILL, out of memory), or failed: the last step is complete
             if stop.requested and run.world == 1:
                 return step, True
-            raise MOKDError(f"a DataLoader worker died ({e}) after step {step - 1}; nothing was saved since "
-                            f"{log.last_ckpt or 'the start'}") from None
+            died = "killed by signal" in str(e) or "exited unexpectedly" in str(e)
+            raise MOKDError(f"{'a DataLoader worker died' if died else 'loading the data failed'} ({e}) after step "
+                            f"{step - 1}; nothing was saved since {log.last_ckpt or 'the start'}") from None
         # DEVIATION: per-step randomness (drop-path) from (seed, rank, step): a resumed run draws the same masks.
         torch.manual_seed(hash((cfg["seed"], log.rank, step)) & 0x7FFFFFFF)
         log.pending.append((step, run.step(normalise(crops, *stats), step // log.niter, step, log.S)))
@@ -1157,7 +1158,7 @@ def train(cfg, rank, world, device, stop):
         print(f"stopped by signal after step {step - 1}; relaunch the same command to resume" if stopped else
               f"--max-steps {cfg['max_steps']} reached" if step < all_steps else
               f"finished: {cfg['epochs']} epochs, {step} steps", f"checkpoint: {ckpt_path}", sep="; ")
-        for m in "ab":  # N: 2 global crops per image of the global batch
+        for m in "ab" if log.last else ():  # N: 2 global crops per image of the global batch
             e, b = (log.last[1][f"{m}.{k}"] for k in ("entropy", "batch_entropy"))
             print(f"teacher {m.upper()} ({cfg[f'arch_{m}']}) at step {log.last[0]}: "
                   f"{collapse_verdict(e, b, cfg['out_dim'], 2 * cfg['batch_size_per_gpu'] * world)}")
