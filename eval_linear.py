@@ -511,9 +511,9 @@ def evaluate(args):
         val.samples = [(path, index[val.classes[y]]) for path, y in val.samples]
         val.classes = train_eval.classes
     C = len(train_eval.classes)
-    both = {os.path.realpath(p) for p, _ in getattr(val, "samples", [])} & {
-        os.path.realpath(p) for p, _ in getattr(train_eval, "samples", [])}
-    if both and rank == 0:  # said before any number
+    both = set() if rank else {os.path.realpath(p) for p, _ in getattr(val, "samples", [])} & {
+        os.path.realpath(p) for p, _ in getattr(train_eval, "samples", [])}  # rank 0 alone looks (a path each)
+    if both:  # said before any number
         print(f"warning: {len(both)} of the {len(val)} validation images are training images too (e.g. "
               f"{min(both)}): k-NN finds each one itself, the probe has trained on it: the accuracy overstates",
               file=sys.stderr, flush=True)
@@ -624,8 +624,8 @@ def main(argv=None):
     except MOKDError as e:
         message = f"error: {e}"
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
         mokd.end_workers()
         if mokd.is_dist():
             dist.destroy_process_group()

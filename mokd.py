@@ -383,16 +383,6 @@ def entropy(p):
     centred, sharpened outputs p (N, K): entropy(p).mean() and the entropy of their mean over the global batch."""
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
 
-def collapse_verdict(e, b, K, N):
-    """A teacher's state by the rule of README, "Outputs", from its collapse signals: e, the mean entropy of its
-    outputs, and b, the entropy of their mean over a global batch of N outputs of K."""
-    top = min(math.log(K), math.log(N))  # b of N confident outputs on N distinct prototypes (of K)
-    state = (f"collapsed onto few prototypes (the batch uses about {math.exp(b):.0f})" if b < 0.5 * top else
-             f"uniform (outputs alike, each spread over about {math.exp(e):.0f} prototypes)" if e > 0.8 * b else
-             "healthy (confident and diverse)")
-    return (f"{state}: entropy {e:.2f} (log K {math.log(K):.2f}), of the batch mean {b:.2f} (min(log K, log N) "
-            f"{top:.2f})")
-
 class Centres(nn.Module):
     """The six DINO centres: c_sm, c_st, c_cm for each model (L_ct has none)."""
     def __init__(self, out_dim):
@@ -823,10 +813,10 @@ def make_loader(cfg, rank, world, device):
     else:
         images = SyntheticShapes(cfg["synthetic_size"], cfg["seed"], max(32, cfg["global_crop_size"]))
     ds = MultiCropDataset(images, aug, cfg["seed"])
-    sample = [images[i][0] for i in range(0, len(images), max(1, len(images) // 16))][:16]  # 16 images at most
-    sides = sorted(min(img.size) for img in sample if img is not None)  # (unreadable images are None)
+    sample = [images[i][0] for i in range(0, len(images), max(1, len(images) // 16))][:16] if rank == 0 else []
+    sides = sorted(min(img.size) for img in sample if img is not None)  # of 16 images at most; unreadable: None
     side, G = sides[len(sides) // 2] if sides else math.inf, cfg["global_crop_size"]  # the median short side
-    if rank == 0 and 2 * side < G:  # the crops would enlarge the images more than twice
+    if 2 * side < G:  # the crops would enlarge the images more than twice (rank 0: the others read none)
         print(f"warning: the images are about {side} px on their short side, far smaller than the {G} px global crops "
               f"(--recipe cifar10 crops 32 px; --global-crop-size and --local-crop-size set any size)", file=sys.stderr)
     sampler = EpochSampler(len(ds), cfg["batch_size_per_gpu"], rank, world, cfg["seed"])
@@ -1095,6 +1085,16 @@ def train_epoch(run, loader, log, step, end, stop, stop_group):
         if due and step % log.niter and step < end:  # a hard kill loses at most --saveckp-minutes of work
             save_checkpoint(run, log, step, stop.path)
     return step, False
+
+def collapse_verdict(e, b, K, N):
+    """A teacher's state by the rule of README, "Outputs", from its collapse signals: e, the mean entropy of its
+    outputs, and b, the entropy of their mean over a global batch of N outputs of K."""
+    top = min(math.log(K), math.log(N))  # b of N confident outputs on N distinct prototypes (of K)
+    state = (f"collapsed onto few prototypes (the batch uses about {math.exp(b):.0f})" if b < 0.5 * top else
+             f"uniform (outputs alike, each spread over about {math.exp(e):.0f} prototypes)" if e > 0.8 * b else
+             "healthy (confident and diverse)")
+    return (f"{state}: entropy {e:.2f} (log K {math.log(K):.2f}), of the batch mean {b:.2f} (min(log K, log N) "
+            f"{top:.2f})")
 
 def eval_command(cfg, ckpt_path):
     """The k-NN evaluation that fits this run: its named dataset's test split, a held-out folder of the user's classes,
